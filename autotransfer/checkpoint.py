@@ -1,0 +1,74 @@
+"""The portable model file: a plain timm model's state dict plus what it needs to run.
+
+`model.pt` loads with torch and timm alone (see README, "Use the model without
+autotransfer"): create the architecture with num_classes=0, prune it at
+`feature_level` if set, reset the classifier to the class count, load `state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from autotransfer.errors import RunError
+from autotransfer.strategies import Preprocessing, attach_head
+
+FORMAT = "autotransfer.model/1"
+MODEL_FILE = "model.pt"
+
+
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    architecture: str,
+    feature_level: int | None,
+    classes: list[str],
+    preprocessing: Preprocessing,
+) -> None:
+    payload = {
+        "format": FORMAT,
+        "architecture": architecture,
+        "feature_level": feature_level,
+        "classes": list(classes),
+        "preprocessing": asdict(preprocessing),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(run_dir: str | Path) -> dict:
+    """The checkpoint dict of a RUN folder (or a model.pt path); RunError if it is none."""
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_FILE if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise RunError(
+            f"{run_dir} is not an autotransfer run (no {MODEL_FILE}); "
+            "create one with `autotransfer fit DATA --out RUN`"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{path} could not be read as a model file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RunError(f"{path} is not an autotransfer model file (format {FORMAT})")
+    return payload
+
+
+def load_model(run_dir: str | Path) -> tuple[nn.Module, list[str], Preprocessing]:
+    """The trained classifier in eval mode, its class names and its preprocessing."""
+    payload = read_checkpoint(run_dir)
+    model = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
+    attach_head(model, payload["feature_level"], len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
+    prep = payload["preprocessing"]
+    preprocessing = Preprocessing(
+        prep["input_size"], tuple(prep["mean"]), tuple(prep["std"]),
+        prep["interpolation"], prep["crop_pct"],
+    )
+    return model.eval(), list(payload["classes"]), preprocessing

@@ -1,0 +1,212 @@
+"""The `autotransfer` command line: thin wrappers around the library functions.
+
+Exit codes: 0 success, 1 a user error (one line saying what was found and how to fix
+it), 2 a usage error (click's). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import click
+
+from autotransfer import __version__
+from autotransfer.errors import AutotransferError, DataError
+from autotransfer.plan import BN_MODES, STRATEGIES, Plan
+
+
+class _Group(click.Group):
+    """Turns AutotransferError into a one-line message and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AutotransferError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _quiet_frameworks() -> None:
+    """Lightning's start-up chatter is not news to our users; warnings about data stay."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="autotransfer")
+def main() -> None:
+    """Train the best image classifier from a folder of labelled images and a pretrained
+    network.
+
+    \b
+    Quick start:
+      autotransfer backbones                       # what is installed
+      autotransfer fit ./data --out runs/mine      # train (class folders or train/ val/)
+      autotransfer evaluate runs/mine ./data       # accuracy, macro-F1, confusion matrix
+      autotransfer predict runs/mine cat.jpg       # top-k classes with probabilities
+
+    DATA is either DATA/<class>/<image> or DATA/train/<class>/<image> with optional val/
+    and test/. Exit codes: 0 ok, 1 a problem with your input (the message says how to
+    fix it), 2 a wrong command line.
+    """
+
+
+def _print_skipped(scan) -> None:
+    if scan.skipped:
+        click.echo(f"skipped {len(scan.skipped)} file(s) that are not usable images:", err=True)
+        for item in scan.skipped[:20]:
+            click.echo(f"  {item.path}: {item.reason}", err=True)
+        if len(scan.skipped) > 20:
+            click.echo(f"  ... and {len(scan.skipped) - 20} more (see scan.json)", err=True)
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`; any timm model name works online).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="frozen",
+              help="frozen: train a new head on cached features; partial: fine-tune above --cut; full: fine-tune everything.")
+@click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen.")
+@click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet.")
+@click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train).")
+@click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
+@click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's].")
+@click.option("--head-epochs", type=int, default=60, help="Epochs of the linear head on cached features.")
+@click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full).")
+@click.option("--lr", type=float, default=1e-3, help="Learning rate of the head.")
+@click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr.")
+@click.option("--batch-size", type=int, default=32)
+@click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/.")
+@click.option("--seed", type=int, default=0)
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Run a saved plan.json (other plan options are ignored).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="RUN folder [default: runs/<data>-<strategy>].")
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+def fit(data: Path, plan_file: Path | None, out: Path | None, no_progress: bool, **options) -> None:
+    """Train a classifier on DATA following a plan and write the RUN folder.
+
+    \b
+    RUN/model.pt      the model (loads with timm alone, see README)
+    RUN/plan.json     what was run; `fit DATA --plan RUN/plan.json` runs it again
+    RUN/metrics.json  accuracy, macro-F1, per-class accuracy, confusion matrix
+    RUN/logs/         Lightning CSV logs per stage
+    """
+    from autotransfer.data import scan_folder
+    from autotransfer.train import fit as run_fit
+
+    _quiet_frameworks()
+    plan = Plan.load(plan_file) if plan_file else Plan(**options)
+    out = out or Path("runs") / f"{data.resolve().name}-{plan.strategy}"
+    scan = scan_folder(data, plan.val_fraction, plan.seed)
+    _print_skipped(scan)
+    sizes = ", ".join(f"{split} {len(r)}" for split, r in scan.splits.items())
+    click.echo(f"{data}: {len(scan.classes)} classes, {sizes} images")
+    result = run_fit(scan, plan, out, progress=not no_progress, log=click.echo)
+    val = result.metrics["val"]
+    click.echo(
+        f"done in {result.seconds:.0f}s: val accuracy {val['accuracy']:.4f}, "
+        f"macro-F1 {val['macro_f1']:.4f}"
+        + (f"; test accuracy {result.metrics['test']['accuracy']:.4f}" if "test" in result.metrics else "")
+    )
+    click.echo(f"run saved in {out}/ (model.pt, plan.json, metrics.json)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backbones(as_json: bool) -> None:
+    """List installed backbones: name, package, parameters, pretraining, input, depth.
+
+    "groups" are timm's coarse groups (stem first): the coordinate of --cut. "levels" are
+    timm feature levels: the coordinate of --feature-level. Any other timm model name
+    also works with `fit --backbone` when timm can download (or has cached) its weights.
+    """
+    from autotransfer.backbones import list_backbones, load_plugins
+    from autotransfer.strategies import describe_backbone
+
+    rows = [describe_backbone(spec) for spec in list_backbones()]
+    _, failures = load_plugins()
+    if as_json:
+        click.echo(json.dumps({"backbones": rows, "failed_plugins": [f.__dict__ for f in failures]}, indent=2))
+        return
+    header = f"{'name':<22} {'package':<32} {'params':>7} {'pretrained':<12} {'input':>5} {'mean/std':<28} {'groups':>6} {'levels':>6}"
+    click.echo(header)
+    for r in rows:
+        mean_std = f"{_fmt(r['mean'])}/{_fmt(r['std'])}"
+        click.echo(
+            f"{r['name']:<22} {r['package']:<32} {r['params_m']:>6.1f}M {r['pretrained_on']:<12} "
+            f"{r['input_size']:>5} {mean_std:<28} {r['groups']:>6} {r['levels']:>6}"
+        )
+    if not rows:
+        click.echo("(none listed)")
+    click.echo("Any timm model name also works online: `fit --backbone resnet50`.")
+    for f in failures:
+        click.echo(f"failed plugin {f.package}[{f.entry}]: {f.error}", err=True)
+
+
+def _fmt(values) -> str:
+    return ",".join(f"{v:.3g}" for v in values)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["auto", "train", "val", "test"]), default="auto",
+              help="Which split of DATA: auto takes test/, else val/, else all class folders.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
+    """Accuracy, macro-F1, per-class accuracy and confusion matrix of RUN on DATA."""
+    from autotransfer.predict import evaluate_folder
+
+    report = evaluate_folder(run, data, split)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['split']} split: {report['n']} images")
+    click.echo(f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+    for name, acc in report["per_class_accuracy"].items():
+        click.echo(f"  {name:<20} {'-' if acc is None else f'{acc:.4f}'}")
+    classes = list(report["per_class_accuracy"])
+    click.echo("confusion matrix (rows: true, columns: predicted):")
+    width = max(6, *(len(c) for c in classes))
+    click.echo(" " * width + " " + " ".join(f"{c[:width]:>{width}}" for c in classes))
+    for name, row in zip(classes, report["confusion_matrix"]):
+        click.echo(f"{name[:width]:>{width}} " + " ".join(f"{v:>{width}}" for v in row))
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=3)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
+    """Top-k classes with probabilities for each IMAGE."""
+    from autotransfer.predict import predict_images
+
+    results = predict_images(run, list(images), top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for item in results:
+        guesses = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in item["top_k"])
+        click.echo(f"{item['image']}: {guesses}")
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", type=int, default=32, help="Side of the exported PNGs in px.")
+def demo_data(out: Path, size: int) -> None:
+    """Export scikit-learn's bundled digits (1,797 images, 10 classes) as an image folder.
+
+    A real dataset that needs no download: `autotransfer demo-data digits && autotransfer
+    fit digits`. Needs scikit-learn (`pip install 'autotransfer[demo]'`).
+    """
+    from autotransfer.demo import export_digits
+
+    counts = export_digits(out, size)
+    click.echo(f"wrote {sum(counts.values())} images in {len(counts)} classes to {out}/")
+
+
+if __name__ == "__main__":
+    main()

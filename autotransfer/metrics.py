@@ -1,0 +1,30 @@
+"""Classification metrics from torchmetrics, as plain JSON-able dicts."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
+
+
+def classification_report(
+    logits: torch.Tensor, targets: torch.Tensor, classes: list[str]
+) -> dict:
+    """Accuracy, macro-F1, per-class accuracy (recall) and the confusion matrix."""
+    n = len(classes)
+    preds = logits.argmax(dim=1)
+    per_class = multiclass_accuracy(preds, targets, num_classes=n, average="none")
+    counts = torch.bincount(targets, minlength=n)
+    return {
+        "n": int(targets.numel()),
+        "accuracy": float(multiclass_accuracy(preds, targets, num_classes=n, average="micro")),
+        "macro_f1": float(multiclass_f1_score(preds, targets, num_classes=n, average="macro")),
+        "per_class_accuracy": {
+            name: (float(acc) if counts[i] > 0 else None)
+            for i, (name, acc) in enumerate(zip(classes, per_class))
+        },
+        "confusion_matrix": multiclass_confusion_matrix(preds, targets, num_classes=n).tolist(),
+    }

@@ -1,0 +1,85 @@
+"""The Plan: one typed, serialisable description of a transfer-learning run.
+
+`plan.json` in, the same run out. Depth has two coordinates, both from timm:
+- `cut`: how many of the lowest coarse groups (`group_matcher(coarse=True)`, stem first)
+  stay frozen; `frozen` freezes all of them, `full` none;
+- `feature_level`: classify from `feature_info[feature_level]` instead of the top,
+  dropping the blocks above it (None keeps the whole backbone).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from autotransfer.errors import PlanError
+
+STRATEGIES = ("frozen", "partial", "full")
+BN_MODES = ("frozen", "train")
+
+
+@dataclass
+class Plan:
+    backbone: str
+    strategy: str = "frozen"
+    cut: int | None = None
+    feature_level: int | None = None
+    # BatchNorm of the blocks being fine-tuned: "frozen" keeps ImageNet running statistics
+    # (eval mode); "train" lets them adapt. Frozen blocks are always in eval mode.
+    bn_mode: str = "frozen"
+    weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
+    image_size: int | None = None  # None: the backbone's pretrained input size
+    head_epochs: int = 60  # linear head on cached features (every strategy starts here)
+    epochs: int = 6  # fine-tuning epochs (partial/full)
+    lr: float = 1e-3  # head learning rate
+    backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    seed: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"strategy must be one of {', '.join(STRATEGIES)}, but got '{self.strategy}'")
+        if self.bn_mode not in BN_MODES:
+            raise PlanError(f"bn_mode must be one of {', '.join(BN_MODES)}, but got '{self.bn_mode}'")
+        if self.strategy == "partial" and self.cut is None:
+            raise PlanError("strategy 'partial' needs a cut: --cut N freezes the N lowest groups")
+        if self.strategy != "partial" and self.cut is not None:
+            raise PlanError(
+                f"--cut {self.cut} only applies to strategy 'partial', not '{self.strategy}'; "
+                "use --feature-level to classify from an earlier block"
+            )
+        for name in ("head_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name} must be at least 1, but got {getattr(self, name)}")
+        for name in ("epochs",):
+            if getattr(self, name) < 0:
+                raise PlanError(f"{name} must be at least 0, but got {getattr(self, name)}")
+        for name in ("lr", "backbone_lr_ratio"):
+            if getattr(self, name) <= 0:
+                raise PlanError(f"{name} must be positive, but got {getattr(self, name)}")
+        if self.image_size is not None and self.image_size < 16:
+            raise PlanError(f"image_size must be at least 16 px, but got {self.image_size}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file '{path}' not found") from None
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file '{path}' is not valid JSON: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"plan file '{path}' has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)

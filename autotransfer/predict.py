@@ -1,0 +1,61 @@
+"""Use a finished run: evaluate it on a labelled folder, or predict single images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from autotransfer.checkpoint import load_model
+from autotransfer.data import load_rgb, scan_folder
+from autotransfer.errors import DataError
+from autotransfer.features import eval_transform, image_loader
+from autotransfer.metrics import classification_report
+
+
+def evaluate_folder(run: str | Path, data: str | Path, split: str = "auto") -> dict:
+    """Metrics of the RUN's model on a split of DATA (auto: test, else val, else all)."""
+    model, classes, prep = load_model(run)
+    scan = scan_folder(data, val_fraction=None)
+    if split == "auto":
+        split = next(s for s in ("test", "val", "train") if s in scan.splits)
+    if split not in scan.splits:
+        raise DataError(f"{data} has no {split}/ split; found: {', '.join(scan.splits)}")
+    unknown = [c for c in scan.classes if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{data} has classes the model does not know ({', '.join(unknown)}); "
+            f"the model knows: {', '.join(classes)}"
+        )
+    records = scan.splits[split]
+    remap = torch.tensor([classes.index(c) for c in scan.classes])
+    logits, labels = [], []
+    with torch.inference_mode():
+        for images, targets in image_loader(records, eval_transform(prep), 64):
+            logits.append(model(images))
+            labels.append(remap[targets])
+    report = classification_report(torch.cat(logits), torch.cat(labels), classes)
+    return {"split": "all" if scan.layout == "class-folders" else split, **report,
+            "skipped": [s.__dict__ for s in scan.skipped]}
+
+
+def predict_images(run: str | Path, images: list[Path], top_k: int = 3) -> list[dict]:
+    """Top-k classes and probabilities for each image file."""
+    model, classes, prep = load_model(run)
+    transform = eval_transform(prep)
+    results = []
+    for path in images:
+        try:
+            tensor = transform(load_rgb(path)).unsqueeze(0)
+        except FileNotFoundError:
+            raise DataError(f"image '{path}' not found") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"'{path}' is not a readable image: {exc}") from None
+        with torch.inference_mode():
+            probs = model(tensor).softmax(dim=1)[0]
+        top = probs.topk(min(top_k, len(classes)))
+        results.append({
+            "image": str(path),
+            "top_k": [{"class": classes[i], "probability": float(p)} for p, i in zip(top.values, top.indices)],
+        })
+    return results

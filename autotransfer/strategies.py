@@ -1,0 +1,161 @@
+"""Turn a Plan into a network: truncate, attach the head, freeze groups, pin BN modes.
+
+Depends on torch and timm alone, so freezing can be tested without a Trainer. The
+network stays a plain timm model inside `TransferNet`, which only adds the rule that
+frozen modules (and, with bn_mode 'frozen', every BatchNorm) stay in eval mode whatever
+`.train()` a framework calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models import group_modules, group_parameters
+from torch import nn
+
+from autotransfer.backbones import BackboneSpec, create_model
+from autotransfer.errors import PlanError
+from autotransfer.plan import Plan
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an image must go through before the network; stored with every model."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    @classmethod
+    def for_plan(cls, spec: BackboneSpec, plan: Plan) -> "Preprocessing":
+        return cls(
+            plan.image_size or spec.input_size,
+            tuple(spec.mean),
+            tuple(spec.std),
+            spec.interpolation,
+            spec.crop_pct,
+        )
+
+
+class TransferNet(nn.Module):
+    """A timm classifier whose frozen part stays frozen, in eval mode, under any trainer."""
+
+    def __init__(self, model: nn.Module, frozen_groups: int, bn_mode: str) -> None:
+        super().__init__()
+        self.model = model
+        self.groups = coarse_groups(model)
+        self.frozen_groups = frozen_groups
+        self.bn_mode = bn_mode
+        frozen = {name for group in self.groups[:frozen_groups] for name in group.params}
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen)
+        self._frozen_modules = [m for g in self.groups[:frozen_groups] for m in g.modules]
+        self.train(self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features just below the classifier (what the frozen head is trained on)."""
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    def train(self, mode: bool = True) -> "TransferNet":
+        super().train(mode)
+        for name in self._frozen_modules:
+            self.model.get_submodule(name).eval()
+        if self.bn_mode == "frozen":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+
+@dataclass(frozen=True)
+class Group:
+    """One coarse group of the backbone (stem first): its parameter and module names."""
+
+    params: list[str]
+    modules: list[str]
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier") or "classifier"
+    names = names if isinstance(names, (list, tuple)) else [names]
+    return tuple(f"{name}." for name in names) + tuple(names)
+
+
+def coarse_groups(model: nn.Module) -> list[Group]:
+    """The backbone's coarse groups from timm's group_matcher, classifier left out."""
+    matcher = model.group_matcher(coarse=True)
+    head = _classifier_prefixes(model)
+    params = group_parameters(model, matcher)
+    modules = group_modules(model, matcher)
+    groups = []
+    for gid in sorted(params):
+        p = [n for n in params[gid] if not n.startswith(head)]
+        m = [n for n in modules.get(gid, []) if not (n in head or n.startswith(head))]
+        if p:
+            groups.append(Group(p, m))
+    return groups
+
+
+def attach_head(model: nn.Module, feature_level: int | None, num_classes: int) -> nn.Module:
+    """Drop the blocks above `feature_level` (if set) and put a fresh classifier on top.
+
+    The result is still a plain timm model: loading a trained one needs only this and timm.
+    """
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # prune_head resets the pool; keep the original
+    if feature_level is not None:
+        model.prune_intermediate_layers(indices=[feature_level], prune_norm=False, prune_head=True)
+    if pool is None:
+        model.reset_classifier(num_classes)
+    else:
+        model.reset_classifier(num_classes, pool)
+    return model
+
+
+def build_net(spec: BackboneSpec, plan: Plan, num_classes: int) -> TransferNet:
+    """The network the Plan describes, with weights loaded and groups frozen."""
+    torch.manual_seed(plan.seed)
+    model = create_model(spec, plan.weights, num_classes=0)
+    levels = len(model.feature_info)
+    if plan.feature_level is not None and not 0 <= plan.feature_level < levels:
+        raise PlanError(
+            f"feature_level must be between 0 and {levels - 1} for {spec.name} "
+            f"({levels} feature levels), but got {plan.feature_level}"
+        )
+    attach_head(model, plan.feature_level, num_classes)
+    n_groups = len(coarse_groups(model))
+    frozen = {"frozen": n_groups, "full": 0}.get(plan.strategy, plan.cut)
+    if plan.strategy == "partial" and not 1 <= plan.cut <= n_groups - 1:
+        raise PlanError(
+            f"cut must be between 1 and {n_groups - 1} for {spec.name} with feature level "
+            f"{plan.feature_level} ({n_groups} coarse groups), but got {plan.cut}; "
+            "use strategy 'frozen' to freeze all, 'full' to freeze none"
+        )
+    return TransferNet(model, frozen, plan.bn_mode)
+
+
+def describe_backbone(spec: BackboneSpec) -> dict:
+    """A listing row: the spec plus size and depth read off a randomly initialised model."""
+    model = create_model(spec, "random", num_classes=0)
+    return {
+        "name": spec.name,
+        "package": spec.package,
+        "architecture": spec.architecture,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "pretrained_on": spec.pretrained_on,
+        "input_size": spec.input_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "groups": len(coarse_groups(model)),
+        "levels": len(model.feature_info),
+    }

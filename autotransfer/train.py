@@ -1,0 +1,283 @@
+"""Run a Plan with PyTorch Lightning: linear head on cached features, then (partial/full)
+fine-tuning from that head (LP-FT), the backbone at a lower learning rate.
+
+Only this module imports Lightning. Output, in the RUN folder: model.pt, plan.json,
+scan.json, metrics.json and Lightning CSV logs under logs/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autotransfer import __version__
+from autotransfer.backbones import BackboneSpec, get_backbone
+from autotransfer.checkpoint import MODEL_FILE, save_model
+from autotransfer.data import DatasetScan
+from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
+from autotransfer.metrics import classification_report
+from autotransfer.plan import Plan
+from autotransfer.strategies import Preprocessing, TransferNet, build_net
+
+
+class ClassifierTask(pl.LightningModule):
+    """Cross-entropy training of `module` (inputs -> logits); keeps the best epoch in memory.
+
+    `param_groups` carries the per-group learning rates (head vs backbone). The best
+    weights by validation accuracy are restored by `restore_best()`.
+    """
+
+    def __init__(
+        self, module: nn.Module, param_groups: list[dict], epochs: int, weight_decay: float
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.param_groups = param_groups
+        self.epochs = epochs
+        self.weight_decay = weight_decay
+        self.loss = nn.CrossEntropyLoss()
+        self.best_acc = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_logits: torch.Tensor | None = None
+        self._val_logits: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
+        self.train_losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.train_losses.append(float(loss.detach()))
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", self.loss(logits, y), prog_bar=False, on_epoch=True)
+        self._val_logits.append(logits.detach().float().cpu())
+        self._val_targets.append(y.cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
+        self._val_logits, self._val_targets = [], []
+        acc = float((logits.argmax(1) == targets).float().mean())
+        self.log("val_acc", acc, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        if acc > self.best_acc:
+            self.best_acc = acc
+            self.best_logits = logits
+            self.best_state = copy.deepcopy(self.module.state_dict())
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.param_groups, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class OnInterrupt(pl.Callback):
+    """Saves what has been learnt so far when training stops on Ctrl-C or an error."""
+
+    def __init__(self, save: Callable[[], None]) -> None:
+        self.save = save
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.save()
+
+
+def _trainer(out: Path, stage: str, epochs: int, callbacks: list[pl.Callback], progress: bool) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        logger=CSVLogger(out / "logs", name=stage, version=""),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    plan: Plan
+    metrics: dict
+    features_reused: bool
+    seconds: float
+
+
+def _feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    return DataLoader(
+        TensorDataset(feats, labels), batch_size=batch_size, shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def weights_id(plan: Plan, spec: BackboneSpec) -> str:
+    """What identifies the weights for the feature cache key."""
+    if plan.weights == "pretrained":
+        return f"pretrained:{spec.package}:{spec.name}"
+    if plan.weights == "random":
+        return f"random:seed={plan.seed}"
+    path = Path(plan.weights)
+    return f"file:{path.resolve()}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
+
+
+def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
+    """Head at `lr`, every trainable backbone parameter at `lr * backbone_lr_ratio`."""
+    head = {id(p) for p in net.classifier.parameters()}
+    backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
+    groups = [{"params": list(net.classifier.parameters()), "lr": plan.lr, "name": "head"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": plan.lr * plan.backbone_lr_ratio, "name": "backbone"})
+    return groups
+
+
+def fit(
+    scan: DatasetScan, plan: Plan, out: str | Path, progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics."""
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_backbone(plan.backbone)
+    classes = scan.classes
+    net = build_net(spec, plan, len(classes))
+    prep = Preprocessing.for_plan(spec, plan)
+    plan.save(out / "plan.json")
+    _write_scan(scan, out / "scan.json")
+    pl.seed_everything(plan.seed, verbose=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+
+    def save() -> None:
+        save_model(out / MODEL_FILE, net.model, spec.architecture, plan.feature_level, classes, prep)
+
+    wid = weights_id(plan, spec)
+    features = {
+        split: cached_features(
+            net, scan, split, prep, spec.architecture, wid, plan.feature_level, progress=progress
+        )
+        for split in ("train", "val")
+    }
+    reused = all(reuse for _, _, reuse in features.values())
+    log(f"features: {'reused from cache' if reused else 'computed and cached'}")
+    (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
+
+    head_task = ClassifierTask(
+        net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
+        plan.head_epochs, plan.weight_decay,
+    )
+    trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(save)], progress)
+    trainer.fit(
+        head_task,
+        _feature_batches(train_f, train_y, max(plan.batch_size, 64), True, plan.seed),
+        _feature_batches(val_f, val_y, 1024, False, plan.seed),
+    )
+    head_task.restore_best()
+    val_logits = head_task.best_logits
+    head_acc = head_task.best_acc
+    log(f"linear head on features: val accuracy {head_acc:.4f}")
+
+    stages = {"head_val_accuracy": head_acc}
+    if plan.strategy != "frozen" and plan.epochs > 0:
+        head_state = copy.deepcopy(net.state_dict())
+        net.train()
+        ft_task = ClassifierTask(net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay)
+        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save)], progress)
+        train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
+        val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
+        trainer.fit(ft_task, train_loader, val_loader)
+        stages["finetune_val_accuracy"] = ft_task.best_acc
+        if ft_task.best_acc > head_acc:
+            ft_task.restore_best()
+            val_logits = ft_task.best_logits
+            log(f"fine-tuned ({plan.strategy}): val accuracy {ft_task.best_acc:.4f}")
+        else:  # model selection on validation: never hand back worse than the start
+            net.load_state_dict(head_state)
+            log(
+                f"fine-tuning ({plan.strategy}) reached {ft_task.best_acc:.4f}, not above the "
+                f"linear head's {head_acc:.4f}: keeping the head on the pretrained backbone"
+            )
+    net.eval()
+    save()
+
+    metrics = {"val": classification_report(val_logits, val_y, classes)}
+    if "test" in scan.splits and scan.splits["test"]:
+        if plan.strategy == "frozen":
+            test_f, test_y, _ = cached_features(
+                net, scan, "test", prep, spec.architecture, wid, plan.feature_level, progress=progress
+            )
+            test_logits = net.classifier(test_f.to(device)).detach().cpu()
+        else:
+            test_logits, test_y = predict_records(net, scan.splits["test"], prep)
+        metrics["test"] = classification_report(test_logits, test_y, classes)
+    seconds = time.perf_counter() - start
+    metrics.update(
+        stages=stages,
+        seconds=round(seconds, 2),
+        features_reused=reused,
+        versions=_versions(),
+        data_hash={split: scan.content_hash(split) for split in scan.splits},
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return FitResult(str(out), plan, metrics, reused, seconds)
+
+
+@torch.inference_mode()
+def predict_records(net: nn.Module, records, prep: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of `records` through a whole network (eval mode)."""
+    net.eval()
+    device = next(net.parameters()).device
+    logits, labels = [], []
+    for images, targets in image_loader(records, eval_transform(prep), 64):
+        logits.append(net(images.to(device)).float().cpu())
+        labels.append(targets)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _write_scan(scan: DatasetScan, path: Path) -> None:
+    summary = {
+        "root": scan.root,
+        "layout": scan.layout,
+        "classes": scan.classes,
+        "images": {split: len(records) for split, records in scan.splits.items()},
+        "skipped": [asdict(s) for s in scan.skipped],
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {
+        "autotransfer": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "pytorch_lightning": pl.__version__,
+        "python": platform.python_version(),
+    }
