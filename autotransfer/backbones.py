@@ -168,7 +168,11 @@ def _read_state_dict(path: Path) -> StateDict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"could not read weights file '{path}': {exc}") from exc
+        raise BackboneError(  # torch's message spans lines; the CLI prints one
+            f"could not read weights file '{path}' ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}); expected a state dict saved with "
+            "torch.save(model.state_dict(), PATH)"
+        ) from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

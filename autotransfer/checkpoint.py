@@ -54,7 +54,10 @@ def read_checkpoint(run_dir: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RunError(f"{path} could not be read as a model file: {exc}") from exc
+        raise RunError(  # torch's message spans lines; the CLI prints one
+            f"{path} could not be read as a model file ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}); expected the {MODEL_FILE} of `autotransfer fit`"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not an autotransfer model file (format {FORMAT})")
     return payload

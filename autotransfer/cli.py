@@ -78,6 +78,7 @@ def _print_skipped(scan) -> None:
 @click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full).")
 @click.option("--lr", type=float, default=1e-3, help="Learning rate of the head.")
 @click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr.")
+@click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data).")
 @click.option("--batch-size", type=int, default=32)
 @click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/.")
 @click.option("--seed", type=int, default=0)
@@ -206,6 +207,35 @@ def demo_data(out: Path, size: int) -> None:
 
     counts = export_digits(out, size)
     click.echo(f"wrote {sum(counts.values())} images in {len(counts)} classes to {out}/")
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
+@click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
+@click.option("--max-images", type=click.IntRange(min=2), default=1000,
+              help="Profile at most N images of train+val, sampled stratified by class (sizes and quality checks still read every file).")
+@click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's].")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Folder of near-ImageNet photos that sets the reference level of the distances [default: photos bundled with scikit-image/scikit-learn].")
+@click.option("--seed", type=int, default=0, help="Seed of the sample and of the validation split drawn when DATA has no val/.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("profile.json"), help="Where to write the profile.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
+    """Measure DATA for a backbone: size, images, quality, distance to ImageNet per depth.
+
+    One scan of every file and one forward pass over (a sample of) train+val; test/ is
+    only counted and checked. Per depth (timm coarse group, the coordinate of --cut):
+    BatchNorm-statistics gap to ImageNet relative to a calibrated reference, Frechet
+    distance to the calibration photos' features, LogME and leave-one-out k-NN with
+    trivial baselines. Writes OUT (schema in README, "How it decides").
+    """
+    from autotransfer.profile import format_profile, profile_dataset
+
+    result = profile_dataset(data, progress=not no_progress, **options)
+    result.save(out)
+    click.echo(format_profile(result))
+    click.echo(f"profile saved to {out}")
 
 
 if __name__ == "__main__":

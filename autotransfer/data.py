@@ -235,7 +235,8 @@ def _drop_graphic_outliers(
 def stratified_split(
     records: list[ImageRecord], fraction: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Seeded per-class split; every class with 2+ images keeps one on each side."""
+    """Seeded per-class split; every class with 2+ images keeps one on each side, and a
+    class with one image keeps it in train."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation fraction must be between 0 and 1, but got {fraction}")
     rng = random.Random(seed)
@@ -249,6 +250,8 @@ def stratified_split(
         n_val = round(len(members) * fraction)
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
+        else:  # a single image trains: a class missing from train could never be predicted
+            n_val = 0
         val.extend(members[:n_val])
         train.extend(members[n_val:])
     return train, val

@@ -35,6 +35,7 @@ class Plan:
     lr: float = 1e-3  # head learning rate
     backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio
     weight_decay: float = 1e-4
+    class_weighting: bool = False  # inverse-frequency loss weights for imbalanced classes
     batch_size: int = 32
     val_fraction: float = 0.2
     seed: int = 0

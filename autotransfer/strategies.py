@@ -53,6 +53,12 @@ class TransferNet(nn.Module):
         for name, param in model.named_parameters():
             param.requires_grad_(name not in frozen)
         self._frozen_modules = [m for g in self.groups[:frozen_groups] for m in g.modules]
+        # whole blocks whose parameters are all frozen, so that parameter-less modules in
+        # them (dropout, drop-path, activations) follow the block into eval mode too
+        self._frozen_modules += [
+            name for name, module in model.named_modules()
+            if name and _all_frozen(module) and name not in self._frozen_modules
+        ]
         self.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,11 @@ class TransferNet(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,15 @@ class ClassifierTask(pl.LightningModule):
     """
 
     def __init__(
-        self, module: nn.Module, param_groups: list[dict], epochs: int, weight_decay: float
+        self, module: nn.Module, param_groups: list[dict], epochs: int, weight_decay: float,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.param_groups = param_groups
         self.epochs = epochs
         self.weight_decay = weight_decay
-        self.loss = nn.CrossEntropyLoss()
+        self.loss = nn.CrossEntropyLoss(weight=class_weights)
         self.best_acc = -1.0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_logits: torch.Tensor | None = None
@@ -91,6 +92,21 @@ class ClassifierTask(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.param_groups, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class ValReport(pl.Callback):
+    """Hands each epoch's validation accuracy to `report(step, accuracy)` (e.g. a pruner).
+
+    `report` may raise to stop the run; steps continue across stages via `offset`.
+    """
+
+    def __init__(self, report: Callable[[int, float], None], offset: int = 0) -> None:
+        self.report = report
+        self.offset = offset
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.report(self.offset + trainer.current_epoch, float(trainer.callback_metrics["val_acc"]))
 
 
 class OnInterrupt(pl.Callback):
@@ -146,6 +162,13 @@ def weights_id(plan: Plan, spec: BackboneSpec) -> str:
     return f"file:{path.resolve()}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
 
 
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over present classes: rare classes count more."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), 0.0)
+    return weights
+
+
 def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
     """Head at `lr`, every trainable backbone parameter at `lr * backbone_lr_ratio`."""
     head = {id(p) for p in net.classifier.parameters()}
@@ -158,9 +181,13 @@ def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
 
 def fit(
     scan: DatasetScan, plan: Plan, out: str | Path, progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, report: Callable[[int, float], None] | None = None,
 ) -> FitResult:
-    """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics."""
+    """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics.
+
+    `report(step, val_accuracy)` gets the head's best accuracy as step 0, then every
+    fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
+    """
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +215,10 @@ def fit(
     log(f"features: {'reused from cache' if reused else 'computed and cached'}")
     (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
 
+    weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
     head_task = ClassifierTask(
         net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
-        plan.head_epochs, plan.weight_decay,
+        plan.head_epochs, plan.weight_decay, weights,
     )
     trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(save)], progress)
     trainer.fit(
@@ -202,13 +230,18 @@ def fit(
     val_logits = head_task.best_logits
     head_acc = head_task.best_acc
     log(f"linear head on features: val accuracy {head_acc:.4f}")
+    if report:
+        report(0, head_acc)
 
     stages = {"head_val_accuracy": head_acc}
     if plan.strategy != "frozen" and plan.epochs > 0:
         head_state = copy.deepcopy(net.state_dict())
         net.train()
-        ft_task = ClassifierTask(net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay)
-        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save)], progress)
+        ft_task = ClassifierTask(
+            net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay, weights
+        )
+        reports = [ValReport(report, offset=1)] if report else []
+        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save), *reports], progress)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)
@@ -232,7 +265,8 @@ def fit(
             test_f, test_y, _ = cached_features(
                 net, scan, "test", prep, spec.architecture, wid, plan.feature_level, progress=progress
             )
-            test_logits = net.classifier(test_f.to(device)).detach().cpu()
+            with torch.inference_mode():  # fresh features are inference tensors
+                test_logits = net.classifier(test_f.to(device)).cpu()
         else:
             test_logits, test_y = predict_records(net, scan.splits["test"], prep)
         metrics["test"] = classification_report(test_logits, test_y, classes)

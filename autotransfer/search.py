@@ -1,0 +1,306 @@
+"""Optuna search over Plans: the rule engine's Plans are enqueued first, then a sampler
+refines strategy, depth, backbone and hyperparameters; unpromising fine-tuning is pruned.
+
+Only this module imports Optuna. The study lives in a storage (SQLite inside RUN by
+default, or any Optuna RDB URL such as postgresql://...), so a killed process loses no
+finished trial, `fit --resume RUN` continues, and `autotransfer worker RUN` processes on
+other machines can join the same study.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from autotransfer.backbones import create_model, get_backbone
+from autotransfer.errors import AutotransferError, RunError
+from autotransfer.plan import Plan
+from autotransfer.strategies import attach_head, coarse_groups
+
+STUDY_NAME = "autotransfer"
+SEARCH_FILE = "search.json"
+MAX_LEVELS_BELOW_TOP = 2
+MAX_TRAINED_GROUPS = 6
+
+
+@dataclass
+class SearchConfig:
+    """What a search needs besides the data; saved as RUN/search.json for resume/workers."""
+
+    data: str
+    storage: str
+    backbones: list[str]
+    base: Plan
+    trials: int | None = None
+    time_budget: float | None = None  # seconds
+    seed: int = 0
+    study_name: str = STUDY_NAME
+    # A running trial whose process sent no heartbeat for 3 intervals is marked failed
+    # (a killed worker), and `fit --resume` queues a replacement.
+    heartbeat_seconds: int = 10
+
+    def save(self, run_dir: Path) -> None:
+        payload = {**asdict(self), "base": asdict(self.base)}
+        (run_dir / SEARCH_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "SearchConfig":
+        path = Path(run_dir) / SEARCH_FILE
+        if not path.is_file():
+            raise RunError(
+                f"{run_dir} has no {SEARCH_FILE}: it is not a search run; "
+                "start one with `autotransfer fit DATA --out RUN` (no --strategy)"
+            )
+        payload = json.loads(path.read_text())
+        return cls(**{**payload, "base": Plan(**payload["base"])})
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '1.5h' or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
+    if not match:
+        raise AutotransferError(f"time budget '{text}' is not a duration; use e.g. 90s, 10m or 1h")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    return value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def default_storage(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def open_study(config: SearchConfig) -> optuna.Study:
+    """Create or load the study; trials of a killed process are marked failed, not lost.
+
+    Storage ':memory:' keeps the study in this process (tests, throwaway searches).
+    """
+    try:
+        storage = None if config.storage == ":memory:" else optuna.storages.RDBStorage(
+            config.storage,
+            heartbeat_interval=config.heartbeat_seconds,
+            grace_period=3 * config.heartbeat_seconds,
+            engine_kwargs={"connect_args": {"timeout": 60}} if config.storage.startswith("sqlite") else {},
+        )
+    except Exception as exc:
+        raise AutotransferError(f"cannot open study storage '{config.storage}': {exc}") from exc
+    study = optuna.create_study(
+        study_name=config.study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=4),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        load_if_exists=True,
+    )
+    if storage is not None:
+        optuna.storages.fail_stale_trials(study)
+    return study
+
+
+@lru_cache(maxsize=None)
+def depth_of(backbone: str, feature_level: int | None) -> tuple[int, int]:
+    """(coarse groups at this level, feature levels) of a backbone; random init is enough."""
+    spec = get_backbone(backbone)
+    model = create_model(spec, "random", num_classes=0)
+    levels = len(model.feature_info)
+    attach_head(model, feature_level, 2)
+    return len(coarse_groups(model)), levels
+
+
+def plan_from_params(params: dict, base: Plan) -> Plan:
+    """The Plan a trial's parameters describe (depth given relative to the top)."""
+    backbone = params.get("backbone", base.backbone)
+    _, levels = depth_of(backbone, None)
+    below = min(params.get("levels_below_top", 0), levels)
+    level = None if below == 0 else levels - below
+    strategy = params["strategy"]
+    cut = None
+    if strategy == "partial":
+        groups, _ = depth_of(backbone, level)
+        cut = max(1, groups - min(params["trained_groups"], groups - 1))
+    tuned = strategy != "frozen"
+    return replace(
+        base,
+        backbone=backbone,
+        strategy=strategy,
+        cut=cut,
+        feature_level=level,
+        lr=params.get("lr", base.lr),
+        weight_decay=params.get("weight_decay", base.weight_decay),
+        class_weighting=params.get("class_weighting", base.class_weighting),
+        backbone_lr_ratio=params.get("backbone_lr_ratio", base.backbone_lr_ratio) if tuned else base.backbone_lr_ratio,
+        epochs=params.get("epochs", base.epochs) if tuned else base.epochs,
+        bn_mode=params.get("bn_mode", base.bn_mode) if tuned else base.bn_mode,
+        reasons=[],
+    )
+
+
+def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
+    """Inverse of plan_from_params, for enqueueing a rule Plan as a trial."""
+    _, levels = depth_of(plan.backbone, None)
+    params: dict = {
+        "strategy": plan.strategy,
+        "levels_below_top": 0 if plan.feature_level is None else levels - plan.feature_level,
+        "lr": plan.lr,
+        "weight_decay": plan.weight_decay,
+        "class_weighting": plan.class_weighting,
+    }
+    if len(backbones) > 1:
+        params["backbone"] = plan.backbone
+    if plan.strategy == "partial":
+        groups, _ = depth_of(plan.backbone, plan.feature_level)
+        params["trained_groups"] = groups - plan.cut
+    if plan.strategy != "frozen":
+        params.update(
+            backbone_lr_ratio=plan.backbone_lr_ratio, epochs=plan.epochs, bn_mode=plan.bn_mode
+        )
+    return params
+
+
+def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
+    """The search space. Conditional parameters only exist where they mean something."""
+    params: dict = {}
+    if len(backbones) > 1:
+        params["backbone"] = trial.suggest_categorical("backbone", backbones)
+    params["strategy"] = trial.suggest_categorical("strategy", ["frozen", "partial", "full"])
+    params["levels_below_top"] = trial.suggest_int("levels_below_top", 0, MAX_LEVELS_BELOW_TOP)
+    params["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    params["class_weighting"] = trial.suggest_categorical("class_weighting", [False, True])
+    if params["strategy"] == "partial":
+        params["trained_groups"] = trial.suggest_int("trained_groups", 1, MAX_TRAINED_GROUPS)
+    if params["strategy"] != "frozen":
+        params["backbone_lr_ratio"] = trial.suggest_float("backbone_lr_ratio", 0.01, 0.5, log=True)
+        params["epochs"] = trial.suggest_int("epochs", 2, 10)
+        params["bn_mode"] = trial.suggest_categorical("bn_mode", ["frozen", "train"])
+    return params
+
+
+TrialRunner = Callable[[Plan, Path, Callable[[int, float], None]], dict]
+
+
+class SurplusTrial(Exception):
+    """A worker lost the race for the last queued trial; recorded as FAIL, never run."""
+
+
+def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) -> Callable:
+    """Objective: validation accuracy of the trial's Plan; reports feed the pruner."""
+
+    def objective(trial: optuna.Trial) -> float:
+        if config.trials is not None and not trial.user_attrs.get("queued"):
+            raise SurplusTrial("the study already holds its planned number of trials")
+        params = suggest_params(trial, config.backbones)
+        plan = plan_from_params(params, config.base)
+        trial.set_user_attr("plan", asdict(plan))
+
+        def report(step: int, accuracy: float) -> None:
+            trial.report(accuracy, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {accuracy:.4f} at step {step}")
+
+        start = time.perf_counter()
+        metrics = run_trial(plan, run_dir / "trials" / f"{trial.number:04d}", report)
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        trial.set_user_attr("macro_f1", metrics["val"]["macro_f1"])
+        return metrics["val"]["accuracy"]
+
+    return objective
+
+
+def enqueue_plans(study: optuna.Study, plans: list[Plan], backbones: list[str]) -> None:
+    """Rule Plans go first; a Plan already tried or queued is not queued again."""
+    for plan in plans:
+        study.enqueue_trial(
+            params_from_plan(plan, backbones),
+            user_attrs={"reasons": plan.reasons, "queued": True},
+            skip_if_exists=True,
+        )
+
+
+def fill_queue(study: optuna.Study, trials: int) -> None:
+    """Queue empty trials (the sampler fills them) until the study holds `trials` live ones.
+
+    Workers only run queued trials, and popping one is atomic in the storage, so several
+    workers finish exactly `trials` trials. Failed trials (e.g. a killed process) do not
+    count, so resuming refills their places.
+    """
+    live = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+    for _ in range(trials - len(live)):
+        study.enqueue_trial({}, user_attrs={"queued": True})
+
+
+def run_search(study: optuna.Study, config: SearchConfig, run_dir: Path, run_trial: TrialRunner) -> None:
+    """Run queued trials until none is left (or run until the time budget is spent)."""
+    objective = make_objective(config, run_dir, run_trial)
+    if config.trials is None:
+        study.optimize(objective, timeout=config.time_budget, gc_after_trial=True)
+        return
+    deadline = None if config.time_budget is None else time.monotonic() + config.time_budget
+    while _waiting(study) and (deadline is None or time.monotonic() < deadline):
+        study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+
+
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """Highest val accuracy; ties go to higher macro-F1, then to the cheaper trial."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise AutotransferError("no trial finished; raise --trials or --time-budget")
+    return max(
+        complete,
+        key=lambda t: (t.value, t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0)),
+    )
+
+
+def write_leaderboard(study: optuna.Study, path: Path) -> None:
+    """One row per trial: state, accuracy, seconds, plan essentials, whether a rule queued it."""
+    fields = ["trial", "state", "val_accuracy", "macro_f1", "seconds", "backbone", "strategy",
+              "cut", "feature_level", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
+              "weight_decay", "class_weighting", "from_rules"]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        plan = t.user_attrs.get("plan", {})
+        rows.append({
+            "trial": t.number, "state": t.state.name, "val_accuracy": t.value,
+            "macro_f1": t.user_attrs.get("macro_f1"), "seconds": t.user_attrs.get("seconds"),
+            **{k: plan.get(k) for k in fields[5:-1]},
+            "from_rules": bool(t.user_attrs.get("reasons")),
+        })
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0))))
+
+
+def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.FrozenTrial]:
+    """Copy the best trial's model and metrics to RUN/ and write plan.json with the why."""
+    best = best_trial(study)
+    trial_dir = run_dir / "trials" / f"{best.number:04d}"
+    for name in ("model.pt", "metrics.json", "scan.json"):
+        if (trial_dir / name).is_file():
+            shutil.copy2(trial_dir / name, run_dir / name)
+    complete = sorted(
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+        key=lambda t: -t.value,
+    )
+    runner_up = next((t for t in complete if t.number != best.number), None)
+    reasons = list(best.user_attrs.get("reasons", []))
+    reasons.append(
+        f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
+        f"{best.value:.4f}"
+        + (f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})" if runner_up else "")
+    )
+    plan = Plan(**{**best.user_attrs["plan"], "reasons": reasons})
+    plan.save(run_dir / "plan.json")
+    write_leaderboard(study, run_dir / "leaderboard.csv")
+    return plan, best

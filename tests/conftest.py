@@ -1,0 +1,168 @@
+"""Shared fixtures: tiny generated image folders, an isolated environment, trained runs.
+
+Everything runs offline on CPU with timm's tiny test models and random weights. The
+classes differ by their dominant colour, so a working pipeline reaches (near) perfect
+accuracy and a broken one does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+from PIL import Image
+
+# dominant colour per class; sorted names are the class order: blue, green, red
+COLOURS = {"red": (215, 35, 35), "green": (35, 195, 55), "blue": (35, 55, 215)}
+CLASSES = sorted(COLOURS)
+IMAGE_PX = 40
+FAST = dict(  # Plan fields for a quick run on the tiny folders
+    weights="random", image_size=32, head_epochs=10, epochs=1, lr=0.02, batch_size=8
+)
+FAST_CLI = [
+    "--weights", "random", "--image-size", "32", "--head-epochs", "10", "--epochs", "1",
+    "--lr", "0.02", "--batch-size", "8", "--no-progress",
+]
+
+
+def photo(colour: tuple[int, int, int], seed: int, size: int = IMAGE_PX) -> Image.Image:
+    """A noisy image around `colour`: many distinct colours, like a photo."""
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(colour, dtype=np.float64)[None, None, :] + rng.normal(0, 30, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_classes(
+    root: Path, per_class: int, classes: dict[str, tuple[int, int, int]] | None = None,
+    seed: int = 0,
+) -> Path:
+    """root/<class>/<i>.jpg for each class."""
+    classes = COLOURS if classes is None else classes
+    for c, (name, colour) in enumerate(sorted(classes.items())):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo(colour, seed=seed * 10_000 + c * 1_000 + i).save(folder / f"{i:02d}.jpg", quality=92)
+    return root
+
+
+# a backbone plugin: test_resnet with its own (seeded random) "pretrained" weights
+GOOD_PLUGIN = """
+    import timm
+    import torch
+
+    from autotransfer.backbones import BackboneSpec
+
+    def weights():
+        torch.manual_seed(1234)
+        return timm.create_model("test_resnet", pretrained=False).state_dict()
+
+    def backbones():
+        return [
+            BackboneSpec(
+                name="test_resnet",
+                architecture="test_resnet",
+                pretrained_on="tiny-plugin-set",
+                input_size=64,
+                mean=(0.5, 0.5, 0.5),
+                std=(0.25, 0.25, 0.25),
+                weights=weights,
+            )
+        ]
+"""
+
+BROKEN_PLUGIN = """
+    raise ImportError("needs the missing_wheel package")
+"""
+
+
+def write_plugin(root: Path, dist: str, module: str, entry: str, source: str) -> Path:
+    """A minimal installed distribution under `root`: dist-info with one entry point + module.
+
+    Put `root` on sys.path (monkeypatch.syspath_prepend) and importlib.metadata finds it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[autotransfer.backbones]\n{entry} = {module}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Feature cache in tmp for every test. Fast tests also run offline, in tmp, without
+    third-party plugins (plugin tests switch autoload back on); `slow` tests keep the
+    installed plugins and the network, for real weights."""
+    cache = tmp_path / "autotransfer-cache"
+    monkeypatch.setenv("AUTOTRANSFER_CACHE", str(cache))
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        # huggingface_hub reads the variable at import; without this, timm retries a minute
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.chdir(tmp_path)  # stray runs/ or lightning_logs/ land in tmp, not the repo
+    yield cache
+    for name, module in list(sys.modules.items()):  # plugin modules written by the test
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_lightning() -> None:
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DATA/<class>/*.jpg: 3 colour classes x 8 images of 40 px (a val split is drawn)."""
+    return write_classes(tmp_path_factory.mktemp("data") / "colours", per_class=8)
+
+
+@pytest.fixture(scope="session")
+def split_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DATA/train|val|test/<class>/*.jpg: 6 / 2 / 2 images per class."""
+    root = tmp_path_factory.mktemp("data") / "splits"
+    for seed, (split, n) in enumerate([("train", 6), ("val", 2), ("test", 2)]):
+        write_classes(root / split, per_class=n, seed=seed + 1)
+    return root
+
+
+def _fit_session_run(tmp_path_factory, data: Path, name: str, **plan_fields) -> Path:
+    from autotransfer.data import scan_folder
+    from autotransfer.plan import Plan
+    from autotransfer.train import fit
+
+    out = tmp_path_factory.mktemp("runs") / name
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        plan = Plan(**{**FAST, **plan_fields})
+        fit(scan_folder(data, plan.val_fraction, plan.seed), plan, out, progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def frozen_run(tmp_path_factory, split_folder: Path) -> Path:
+    """A finished run: test_efficientnet, linear head only, whole backbone."""
+    return _fit_session_run(tmp_path_factory, split_folder, "frozen", backbone="test_efficientnet")
+
+
+@pytest.fixture(scope="session")
+def truncated_run(tmp_path_factory, split_folder: Path) -> Path:
+    """A finished run classifying from feature level 2 of test_resnet, fine-tuned above cut 1."""
+    return _fit_session_run(
+        tmp_path_factory, split_folder, "truncated", backbone="test_resnet",
+        strategy="partial", cut=1, feature_level=2, head_epochs=30,  # level 2 learns slower
+    )

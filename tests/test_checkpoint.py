@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from timm.data import create_transform
+
+from autotransfer.checkpoint import FORMAT, load_model, read_checkpoint
+from autotransfer.data import load_rgb
+from autotransfer.errors import RunError
+from conftest import CLASSES
+
+RUNS = ["frozen_run", "truncated_run"]
+
+
+def load_with_timm_only(path) -> tuple[torch.nn.Module, dict]:
+    """The recipe from checkpoint.py's docstring, written with torch and timm alone."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    model = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
+    pool = getattr(model.global_pool, "pool_type", model.global_pool)
+    if payload["feature_level"] is not None:
+        model.prune_intermediate_layers(
+            indices=[payload["feature_level"]], prune_norm=False, prune_head=True
+        )
+    model.reset_classifier(len(payload["classes"]), pool)
+    model.load_state_dict(payload["state_dict"])  # strict: every tensor fits
+    return model.eval(), payload
+
+
+@pytest.mark.parametrize("run_fixture", RUNS)
+def test_model_file_loads_with_timm_alone_and_gives_the_same_logits(request, run_fixture, split_folder):
+    run = request.getfixturevalue(run_fixture)
+    plain, payload = load_with_timm_only(run / "model.pt")
+    model, classes, prep = load_model(run)
+
+    assert payload["format"] == FORMAT
+    assert classes == payload["classes"] == CLASSES
+    assert prep.input_size == payload["preprocessing"]["input_size"] == 32
+    assert not model.training
+
+    transform = create_transform(
+        input_size=(3, prep.input_size, prep.input_size), interpolation=prep.interpolation,
+        mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct,
+    )
+    images = sorted((split_folder / "test").rglob("*.jpg"))
+    batch = torch.stack([transform(load_rgb(p)) for p in images])
+    with torch.no_grad():
+        ours, theirs = model(batch), plain(batch)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    truth = torch.tensor([CLASSES.index(p.parent.name) for p in images])
+    assert (ours.argmax(1) == truth).float().mean() >= 5 / 6
+
+
+def test_truncated_model_file_really_is_truncated(truncated_run):
+    payload = read_checkpoint(truncated_run)
+    assert (payload["architecture"], payload["feature_level"]) == ("test_resnet", 2)
+    assert not any(k.startswith(("layer3.", "layer4.")) for k in payload["state_dict"])
+    assert payload["state_dict"]["fc.weight"].shape == (3, 48)  # level 2 of test_resnet: 48 channels
+
+
+def test_model_file_loads_without_autotransfer_installed(truncated_run, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["autotransfer"] = None  # importing it would fail
+        import timm, torch
+        payload = torch.load({str(truncated_run / "model.pt")!r}, map_location="cpu", weights_only=True)
+        model = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
+        pool = getattr(model.global_pool, "pool_type", model.global_pool)
+        model.prune_intermediate_layers(indices=[payload["feature_level"]], prune_norm=False, prune_head=True)
+        model.reset_classifier(len(payload["classes"]), pool)
+        model.load_state_dict(payload["state_dict"])
+        torch.manual_seed(0)
+        with torch.no_grad():
+            torch.save(model.eval()(torch.randn(2, 3, 32, 32)), {str(tmp_path / "logits.pt")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    model, _, _ = load_model(truncated_run)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_a_model_pt_path_works_as_well_as_its_run_folder(frozen_run):
+    assert read_checkpoint(frozen_run / "model.pt")["classes"] == read_checkpoint(frozen_run)["classes"]
+    assert not list(frozen_run.glob("*.tmp"))
+
+
+def test_folder_that_is_not_a_run_is_a_run_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(RunError, match=r"is not an autotransfer run \(no model\.pt\); create one with `autotransfer fit"):
+            load_model(folder)
+
+
+def test_unreadable_or_foreign_model_file_is_a_run_error(tmp_path):
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "model.pt").write_bytes(b"\x00not a torch file")
+    with pytest.raises(RunError, match="could not be read as a model file"):
+        load_model(tmp_path / "garbage")
+
+    (tmp_path / "foreign").mkdir()
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "foreign" / "model.pt")
+    with pytest.raises(RunError, match=rf"is not an autotransfer model file \(format {FORMAT}\)"):
+        load_model(tmp_path / "foreign")

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotransfer.errors import PlanError
+from autotransfer.plan import Plan
+
+
+def test_defaults_are_a_valid_frozen_plan():
+    plan = Plan("test_resnet")
+    assert (plan.strategy, plan.cut, plan.feature_level, plan.bn_mode) == ("frozen", None, None, "frozen")
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"strategy": "half"}, r"strategy must be one of frozen, partial, full, but got 'half'"),
+        ({"bn_mode": "adapt"}, r"bn_mode must be one of frozen, train, but got 'adapt'"),
+        ({"strategy": "partial"}, r"strategy 'partial' needs a cut: --cut N"),
+        ({"cut": 2}, r"--cut 2 only applies to strategy 'partial', not 'frozen'"),
+        ({"strategy": "full", "cut": 3}, r"--cut 3 only applies to strategy 'partial', not 'full'"),
+        ({"head_epochs": 0}, r"head_epochs must be at least 1, but got 0"),
+        ({"batch_size": -4}, r"batch_size must be at least 1, but got -4"),
+        ({"epochs": -1}, r"epochs must be at least 0, but got -1"),
+        ({"lr": 0.0}, r"lr must be positive, but got 0.0"),
+        ({"backbone_lr_ratio": -0.5}, r"backbone_lr_ratio must be positive, but got -0.5"),
+        ({"image_size": 8}, r"image_size must be at least 16 px, but got 8"),
+    ],
+)
+def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):
+    with pytest.raises(PlanError, match=match):
+        Plan("test_resnet", **fields)
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    plan = Plan(
+        "test_vit", strategy="partial", cut=3, feature_level=4, bn_mode="train", weights="random",
+        image_size=48, head_epochs=7, epochs=2, lr=0.05, seed=11, reasons=["small data"],
+    )
+    plan.save(tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["cut"] == 3
+    assert Plan.load(tmp_path / "plan.json") == plan
+
+
+def test_loading_a_plan_validates_it(tmp_path):
+    data = json.loads(Plan("test_resnet").to_json())
+    data["strategy"] = "partial"  # but no cut
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="needs a cut"):
+        Plan.load(tmp_path / "plan.json")
+
+
+def test_plan_file_with_unknown_keys_names_them(tmp_path):
+    data = {**json.loads(Plan("test_resnet").to_json()), "epochz": 3}
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"unknown keys \['epochz'\]"):
+        Plan.load(tmp_path / "plan.json")
+
+
+def test_missing_or_broken_plan_file(tmp_path):
+    with pytest.raises(PlanError, match=r"plan file '.*missing\.json' not found"):
+        Plan.load(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(PlanError, match=r"plan file '.*broken\.json' is not valid JSON"):
+        Plan.load(tmp_path / "broken.json")

@@ -1,0 +1,260 @@
+"""Search: Plans <-> trial parameters, rule Plans first, pruning, resume after kill -9,
+two workers on one study (SQLite and a real PostgreSQL server)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotransfer.plan import Plan
+from autotransfer.search import (
+    SearchConfig,
+    adopt_best,
+    enqueue_plans,
+    fill_queue,
+    open_study,
+    params_from_plan,
+    parse_duration,
+    plan_from_params,
+    run_search,
+)
+
+BACKBONE = "test_efficientnet"
+BASE = Plan(BACKBONE, weights="random", head_epochs=1, epochs=1)
+
+
+def fake_accuracy(plan: Plan) -> float:
+    """A made-up landscape: partial fine-tuning of 2 groups at the top is best."""
+    score = {"frozen": 0.6, "partial": 0.8, "full": 0.7}[plan.strategy]
+    if plan.strategy == "partial":
+        score += 0.05 * (plan.cut == 3)
+    return score - 0.1 * (plan.feature_level is not None)
+
+
+def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
+    """Writes what a real trial writes, reports like one, costs nothing."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    accuracy = fake_accuracy(plan)
+    for step in range(3):
+        report(step, accuracy)
+    (trial_dir / "model.pt").write_bytes(b"fake")
+    metrics = {"val": {"accuracy": accuracy, "macro_f1": accuracy}}
+    (trial_dir / "metrics.json").write_text(json.dumps(metrics))
+    time.sleep(float(os.environ.get("FAKE_TRIAL_SECONDS", "0")))
+    return metrics
+
+
+def rule_plans() -> list[Plan]:
+    return [
+        replace(BASE, strategy="frozen", reasons=["rule: few images per class"]),
+        replace(BASE, strategy="partial", cut=4, reasons=["rule: medium data"]),
+    ]
+
+
+def config(storage: str, trials: int | None = 6, heartbeat_seconds: int = 10) -> SearchConfig:
+    return SearchConfig(
+        data="unused", storage=storage, backbones=[BACKBONE], base=BASE, trials=trials,
+        heartbeat_seconds=heartbeat_seconds,
+    )
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        replace(BASE, strategy="frozen"),
+        replace(BASE, strategy="frozen", feature_level=3),
+        replace(BASE, strategy="partial", cut=2),
+        replace(BASE, strategy="partial", cut=1, feature_level=2),
+        replace(BASE, strategy="full", bn_mode="train", epochs=4),
+    ],
+)
+def test_params_round_trip(plan: Plan) -> None:
+    assert plan_from_params(params_from_plan(plan, [BACKBONE]), BASE) == plan
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("90s") == 90
+    assert parse_duration("10m") == 600
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(Exception, match="not a duration"):
+        parse_duration("ten minutes")
+
+
+def test_rule_plans_run_first_and_best_is_adopted(tmp_path: Path) -> None:
+    cfg = config(":memory:", trials=6)
+    study = open_study(cfg)
+    enqueue_plans(study, rule_plans(), cfg.backbones)
+    fill_queue(study, cfg.trials)
+    run_search(study, cfg, tmp_path, fake_trial)
+
+    trials = study.get_trials()
+    assert len(trials) == 6
+    first = [plan_from_params(t.params, BASE) for t in trials[:2]]
+    assert [p.strategy for p in first] == ["frozen", "partial"]
+    assert first[1].cut == 4
+    plan, best = adopt_best(study, tmp_path)
+    assert best.value == max(t.value for t in trials if t.value is not None)
+    assert (tmp_path / "model.pt").read_bytes() == b"fake"
+    assert any("won the search" in reason for reason in plan.reasons)
+    leaderboard = (tmp_path / "leaderboard.csv").read_text().splitlines()
+    assert leaderboard[0].startswith("trial,state,val_accuracy")
+    assert len(leaderboard) == 7
+
+
+def test_pruner_stops_a_hopeless_trial(tmp_path: Path) -> None:
+    cfg = config(":memory:", trials=None)
+    study = open_study(cfg)
+    for _ in range(4):
+        study.enqueue_trial({"strategy": "partial", "levels_below_top": 0, "trained_groups": 2,
+                             "lr": 1e-3, "weight_decay": 1e-4, "class_weighting": False,
+                             "backbone_lr_ratio": 0.1, "epochs": 2, "bn_mode": "frozen"})
+    study.enqueue_trial({"strategy": "frozen", "levels_below_top": 2, "lr": 1e-3,
+                         "weight_decay": 1e-4, "class_weighting": False})
+    study.optimize(
+        lambda t: _objective_via_run_search(t, cfg, tmp_path), n_trials=5
+    )
+    states = [t.state for t in study.get_trials()]
+    assert states[:4] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert states[4] == optuna.trial.TrialState.PRUNED
+
+
+def _objective_via_run_search(trial, cfg, tmp_path):
+    from autotransfer.search import make_objective
+
+    return make_objective(cfg, tmp_path, fake_trial)(trial)
+
+
+def _worker(storage: str, run_dir: str) -> None:
+    cfg = config(storage)
+    study = open_study(cfg)
+    run_search(study, cfg, Path(run_dir), fake_trial)
+
+
+def _two_workers_finish_exactly(storage: str, tmp_path: Path, trials: int = 8) -> None:
+    cfg = config(storage, trials=trials)
+    study = open_study(cfg)
+    enqueue_plans(study, rule_plans(), cfg.backbones)
+    fill_queue(study, trials)
+    ctx = multiprocessing.get_context("spawn")
+    env_before = os.environ.get("FAKE_TRIAL_SECONDS")
+    os.environ["FAKE_TRIAL_SECONDS"] = "0.2"
+    try:
+        workers = [ctx.Process(target=_worker, args=(storage, str(tmp_path))) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=180)
+            assert w.exitcode == 0
+    finally:
+        if env_before is None:
+            os.environ.pop("FAKE_TRIAL_SECONDS")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    states = [(t.number, t.state.name, t.user_attrs.get("queued")) for t in study.get_trials()]
+    assert len(done) == trials, str(states)  # none lost, none extra
+    assert len({t.number for t in done}) == trials  # none duplicated
+    queued_rules = [t for t in done if t.user_attrs.get("reasons")]
+    assert len(queued_rules) == 2  # each rule Plan ran exactly once
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == [f"{t.number:04d}" for t in done]
+
+
+def test_two_workers_sqlite(tmp_path: Path) -> None:
+    _two_workers_finish_exactly(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path):
+    """A real PostgreSQL server on loopback for this test, or a skip saying why not."""
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'psycopg[binary]')")
+    bin_dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    initdb = shutil.which("initdb") or next((str(d / "initdb") for d in bin_dirs), None)
+    pg_ctl = shutil.which("pg_ctl") or next((str(d / "pg_ctl") for d in bin_dirs), None)
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        if subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
+            pytest.skip("running as root and no 'postgres' user to run the server as")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = Path("/tmp") / f"at-pg-{os.getpid()}-{tmp_path.name}"
+    data.mkdir(mode=0o700)
+    if run_as:
+        shutil.chown(data, "postgres")
+    port = _free_port()
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "autotransfer"],
+                   check=True, capture_output=True)
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://autotransfer@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    _two_workers_finish_exactly(postgres_url, tmp_path)
+
+
+RESUMABLE = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_search import config, fake_trial, rule_plans
+from autotransfer.search import enqueue_plans, fill_queue, open_study, run_search
+cfg = config({storage!r}, trials=5, heartbeat_seconds=1)
+study = open_study(cfg)
+enqueue_plans(study, rule_plans(), cfg.backbones)
+fill_queue(study, 5)
+run_search(study, cfg, Path({run!r}), fake_trial)
+"""
+
+
+def test_resume_after_kill_loses_no_finished_trial(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    script = RESUMABLE.format(tests=str(Path(__file__).parent), storage=storage, run=str(tmp_path))
+    open_study(config(storage, trials=5, heartbeat_seconds=1))  # tables exist before polling
+    env = {**os.environ, "FAKE_TRIAL_SECONDS": "1.5"}
+    log = (tmp_path / "search.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=log, stderr=log)
+    study = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        study = optuna.load_study(study_name="autotransfer", storage=storage)
+        if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 2:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert study is not None
+    finished = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert len(finished) >= 2
+
+    time.sleep(3.5)  # past the heartbeat grace period: the killed trial is stale
+    cfg = config(storage, trials=5, heartbeat_seconds=1)
+    resumed = open_study(cfg)
+    assert not resumed.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    fill_queue(resumed, 5)
+    run_search(resumed, cfg, tmp_path, fake_trial)
+    done = resumed.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert finished <= {t.number for t in done}  # nothing finished before the kill is lost
+    assert len(done) == 5

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import json
+import os
+import time
+from statistics import mean
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from autotransfer.backbones import get_backbone
+from autotransfer.checkpoint import load_model
+from autotransfer.data import scan_folder
+from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
+from autotransfer.plan import Plan
+from autotransfer.strategies import Preprocessing, build_net
+from autotransfer.train import ClassifierTask, backbone_param_groups, fit, predict_records, weights_id
+from conftest import CLASSES, FAST
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode"),  # frozen blocks: by design
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+]
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+# ---------------------------------------------------------------- LP-FT
+
+
+def probe_then_finetune(image_folder, bn_mode: str) -> tuple[float, list[float]]:
+    """Linear probe on cached features, then 3 fine-tuning steps of the whole network."""
+    spec = get_backbone("test_efficientnet")  # has BatchNorm everywhere
+    plan = Plan("test_efficientnet", strategy="full", bn_mode=bn_mode, weights="random",
+                image_size=32, lr=0.01)
+    scan = scan_folder(image_folder)
+    net = build_net(spec, plan, num_classes=len(CLASSES))
+    prep = Preprocessing.for_plan(spec, plan)
+    feats, labels, _ = cached_features(net, scan, "train", prep, "test_efficientnet", "random", None, progress=False)
+
+    pl.seed_everything(0, verbose=False)
+    probe = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 0.2}], 50, 0.0)
+    quiet_trainer(max_epochs=50).fit(probe, DataLoader(TensorDataset(feats, labels), batch_size=64, shuffle=True))
+    with torch.no_grad():
+        lp_loss = float(torch.nn.functional.cross_entropy(net.classifier(feats), labels))
+
+    net.train()  # as train.fit does before fine-tuning
+    finetune = ClassifierTask(net, backbone_param_groups(net, plan), 1, plan.weight_decay)
+    loader = image_loader(scan.splits["train"], train_transform(prep), batch_size=6, shuffle=True, seed=0)
+    quiet_trainer(max_steps=3).fit(finetune, loader)
+    return lp_loss, finetune.train_losses
+
+
+def test_lp_ft_with_frozen_bn_starts_where_the_linear_probe_ended(image_folder):
+    lp_loss, ft_losses = probe_then_finetune(image_folder, bn_mode="frozen")
+    assert lp_loss < 0.5  # the probe learnt: chance is ln 3 = 1.1
+    assert len(ft_losses) == 3
+    assert mean(ft_losses) <= 2 * lp_loss + 0.05, (lp_loss, ft_losses)
+
+
+def test_lp_ft_check_is_sensitive_to_batch_statistics(image_folder):
+    """Control: BN on batch statistics (bn_mode 'train') breaks the probe's features."""
+    lp_loss, ft_losses = probe_then_finetune(image_folder, bn_mode="train")
+    assert ft_losses[0] > 2 * lp_loss + 0.05, (lp_loss, ft_losses)
+
+
+class ModeProbe(pl.Callback):
+    """Records, at every training step, which modules Lightning left in train mode."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append({n: m.training for n, m in pl_module.module.model.named_modules()})
+
+
+def test_frozen_modules_stay_in_eval_mode_inside_lightning_training(image_folder):
+    """Lightning switches modes around each validation loop; the frozen part must not move."""
+    spec = get_backbone("test_efficientnet")
+    plan = Plan("test_efficientnet", strategy="partial", cut=3, bn_mode="frozen", **FAST)
+    net = build_net(spec, plan, num_classes=len(CLASSES))
+    prep = Preprocessing.for_plan(spec, plan)
+    scan = scan_folder(image_folder)
+    net.train()
+    task = ClassifierTask(net, backbone_param_groups(net, plan), 2, plan.weight_decay)
+    probe = ModeProbe()
+    quiet_trainer(max_epochs=2, limit_train_batches=2, callbacks=[probe]).fit(
+        task,
+        image_loader(scan.splits["train"], train_transform(prep), 4, shuffle=True),
+        image_loader(scan.splits["val"], eval_transform(prep), 4),
+    )
+    assert len(probe.steps) == 4  # 2 epochs x 2 batches; a validation loop between them
+    modules = dict(net.model.named_modules())
+    for training in probe.steps:
+        assert training[""] and training["classifier"]
+        for name, module in modules.items():
+            if isinstance(module, torch.nn.BatchNorm2d) or name.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1")):
+                assert not training[name], name
+        assert training["blocks.2.0.conv_exp"] and training["blocks.4.0.conv_pw"] and training["conv_head"]
+
+
+# ---------------------------------------------------------------- fit
+
+
+def test_fit_frozen_writes_a_complete_run(split_folder, tmp_path):
+    scan = scan_folder(split_folder)
+    plan = Plan("test_efficientnet", **FAST)
+    lines: list[str] = []
+    result = fit(scan, plan, tmp_path / "run", progress=False, log=lines.append)
+
+    run = tmp_path / "run"
+    for name in ("model.pt", "plan.json", "scan.json", "metrics.json", "logs/head/metrics.csv"):
+        assert (run / name).is_file(), name
+    assert not (run / "logs" / "finetune").exists()
+    assert Plan.load(run / "plan.json") == plan
+    assert json.loads((run / "scan.json").read_text())["images"] == {"train": 18, "val": 6, "test": 6}
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert metrics["val"]["accuracy"] == 1.0  # colour classes: separable even by a random net
+    assert metrics["test"]["accuracy"] == 1.0
+    assert metrics["val"]["n"] == 6 and metrics["test"]["n"] == 6
+    assert list(metrics["val"]["per_class_accuracy"]) == CLASSES
+    assert metrics["stages"] == {"head_val_accuracy": 1.0}
+    assert set(metrics["data_hash"]) == {"train", "val", "test"}
+    assert metrics["features_reused"] is False and result.features_reused is False
+    assert "features: computed and cached" in lines
+
+    again = fit(scan, plan, tmp_path / "again", progress=False, log=lines.append)
+    assert again.features_reused is True
+    assert lines[-2:] == ["features: reused from cache", lines[-1]]
+    assert again.metrics["val"] == result.metrics["val"]
+
+
+def test_fit_partial_saves_the_model_whose_metrics_it_reports(split_folder, tmp_path):
+    scan = scan_folder(split_folder)
+    plan = Plan("test_resnet", strategy="partial", cut=2, **FAST)
+    result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None)
+
+    stages = result.metrics["stages"]
+    assert set(stages) == {"head_val_accuracy", "finetune_val_accuracy"}
+    assert result.metrics["val"]["accuracy"] == max(stages.values())  # never worse than the head
+    assert (tmp_path / "run" / "logs" / "finetune" / "metrics.csv").is_file()
+
+    model, classes, prep = load_model(tmp_path / "run")
+    assert classes == CLASSES and prep.input_size == 32
+    for split in ("val", "test"):
+        logits, labels = predict_records(model, scan.splits[split], prep)
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+        assert accuracy == pytest.approx(result.metrics[split]["accuracy"]), split
+
+
+def test_fit_full_on_a_truncated_vit(image_folder, tmp_path):
+    scan = scan_folder(image_folder)
+    plan = Plan("test_vit", strategy="full", feature_level=3, **FAST)
+    result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.metrics["val"]["accuracy"] >= 5 / 6
+    assert "test" not in result.metrics  # class folders: no test split
+    model, _, _ = load_model(tmp_path / "run")
+    assert len(model.blocks) == 4  # blocks above feature level 3 are gone
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_backbone_param_groups_split_head_and_trainable_backbone():
+    plan = Plan("test_resnet", strategy="partial", cut=2, weights="random", lr=0.1, backbone_lr_ratio=0.25)
+    net = build_net(get_backbone("test_resnet"), plan, 3)
+    head, backbone = backbone_param_groups(net, plan)
+    assert (head["name"], head["lr"], backbone["name"], backbone["lr"]) == ("head", 0.1, "backbone", 0.025)
+    assert {id(p) for p in head["params"]} == {id(p) for p in net.model.fc.parameters()}
+    expected = {id(p) for n, p in net.model.named_parameters() if p.requires_grad and not n.startswith("fc.")}
+    assert {id(p) for p in backbone["params"]} == expected
+    assert all(p.requires_grad for p in backbone["params"])
+
+    frozen = Plan("test_resnet", weights="random")
+    assert [g["name"] for g in backbone_param_groups(build_net(get_backbone("test_resnet"), frozen, 3), frozen)] == ["head"]
+
+
+def test_weights_id_identifies_the_weights(tmp_path):
+    spec = get_backbone("test_resnet")
+    assert weights_id(Plan("test_resnet", weights="random", seed=3), spec) == "random:seed=3"
+    assert weights_id(Plan("test_resnet"), spec) == "pretrained:autotransfer:test_resnet"
+
+    path = tmp_path / "w.pth"
+    torch.save({"a": torch.zeros(2)}, path)
+    first = weights_id(Plan("test_resnet", weights=str(path)), spec)
+    assert str(path.resolve()) in first
+    stat = path.stat()
+    torch.save({"a": torch.ones(3)}, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert weights_id(Plan("test_resnet", weights=str(path)), spec) != first
+
+
+def test_classifier_task_keeps_and_restores_the_best_epoch():
+    torch.manual_seed(0)
+    x = torch.randn(30, 4)
+    y = (x[:, 0] > 0).long()
+    head = torch.nn.Linear(4, 2)
+    task = ClassifierTask(head, [{"params": list(head.parameters()), "lr": 0.1}], 8, 0.0)
+    batches = DataLoader(TensorDataset(x, y), batch_size=10)
+    quiet_trainer(max_epochs=8).fit(task, batches, batches)
+    assert 0.0 <= task.best_acc <= 1.0 and task.best_state is not None
+    best = float((task.best_logits.argmax(1) == y).float().mean())
+    assert best == pytest.approx(task.best_acc)
+    torch.nn.init.zeros_(head.weight)
+    task.restore_best()
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), task.best_logits)
