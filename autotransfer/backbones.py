@@ -155,7 +155,17 @@ def create_model(
                 "efficientnet_lite0/1/2) or pass --weights FILE with a timm state dict"
             ) from exc
     model = timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes)
-    state = spec.weights() if weights == "pretrained" else _read_state_dict(Path(weights))
+    if weights == "pretrained":
+        try:
+            state = spec.weights()
+        except Exception as exc:  # a plugin's missing or broken weight file
+            raise BackboneError(
+                f"plugin {spec.package or '?'} could not load the weights of '{spec.name}' "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                "reinstall the plugin or pass --weights FILE"
+            ) from exc
+    else:
+        state = _read_state_dict(Path(weights))
     load_backbone_state(model, state, source=weights if weights != "pretrained" else spec.name)
     return model
 

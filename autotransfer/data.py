@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +77,13 @@ def load_rgb(path: str | Path) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode.startswith("I;16") or peak > 255:
+            high = 65535.0
+        elif image.mode == "F" and peak <= 1.0:
+            high = 1.0  # float images in 0..1
+        else:
+            high = 255.0
         return Image.fromarray(np.clip(array / high * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -104,8 +111,9 @@ def _inspect(path: Path) -> tuple[ImageRecord | None, str]:
     except Image.DecompressionBombError:
         return None, "image too large (decompression bomb guard)"
     except (OSError, SyntaxError, ValueError) as exc:
-        kind = "truncated image" if "truncated" in str(exc) else "not a readable image"
-        return None, f"{kind}: {exc}"
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(exc))
+        kind = "truncated image" if "truncated" in message else "not a readable image"
+        return None, f"{kind}: {message}"
     thumb.thumbnail((_THUMB, _THUMB), Image.Resampling.NEAREST)
     colours = len(np.unique(np.asarray(thumb).reshape(-1, 3), axis=0))
     record = ImageRecord(

@@ -123,8 +123,11 @@ def cached_features(
     key = feature_key(architecture, weights_id, feature_level, prep, scan.content_hash(split))
     path = cache_dir() / f"{key}.pt"
     if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        return payload["features"], payload["labels"], True
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return payload["features"], payload["labels"], True
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
     feats, labels = extract_features(
         net, scan.splits[split], prep, batch_size, f"{split} features", progress
     )

@@ -42,6 +42,7 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.strategy not in STRATEGIES:
             raise PlanError(f"strategy must be one of {', '.join(STRATEGIES)}, but got '{self.strategy}'")
         if self.bn_mode not in BN_MODES:
@@ -65,6 +66,22 @@ class Plan:
         if self.image_size is not None and self.image_size < 16:
             raise PlanError(f"image_size must be at least 16 px, but got {self.image_size}")
 
+    def _check_types(self) -> None:
+        """plan.json is edited by hand: say which value has the wrong type, and how."""
+        kinds = {
+            int: ("head_epochs", "epochs", "batch_size", "seed"),
+            (int, type(None)): ("cut", "feature_level", "image_size"),
+            (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction"),
+            str: ("backbone", "strategy", "bn_mode", "weights"),
+            bool: ("class_weighting",),
+            list: ("reasons",),
+        }
+        for kind, names in kinds.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                    raise PlanError(f"{name} has the wrong type: got {value!r}")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -83,4 +100,7 @@ class Plan:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"plan file '{path}' has unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise PlanError(f"plan file '{path}' has a value of the wrong type: {exc}") from None

@@ -49,6 +49,7 @@ class ClassifierTask(pl.LightningModule):
         self.weight_decay = weight_decay
         self.loss = nn.CrossEntropyLoss(weight=class_weights)
         self.best_acc = -1.0
+        self.best_loss = float("inf")
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_logits: torch.Tensor | None = None
         self._val_logits: list[torch.Tensor] = []
@@ -76,11 +77,13 @@ class ClassifierTask(pl.LightningModule):
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
         acc = float((logits.argmax(1) == targets).float().mean())
+        loss = float(nn.functional.cross_entropy(logits, targets))
         self.log("val_acc", acc, prog_bar=True)
         if self.trainer.sanity_checking:
             return
-        if acc > self.best_acc:
-            self.best_acc = acc
+        # ties on accuracy (common on small val sets) go to the lower loss: a better head
+        if acc > self.best_acc or (acc == self.best_acc and loss < self.best_loss):
+            self.best_acc, self.best_loss = acc, loss
             self.best_logits = logits
             self.best_state = copy.deepcopy(self.module.state_dict())
 
