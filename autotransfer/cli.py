@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class _Group(click.Group):
 
 def _quiet_frameworks() -> None:
     """Lightning's start-up chatter is not news to our users; warnings about data stay."""
+    import optuna
+    import pytorch_lightning  # noqa: F401  (it sets its own log level on import)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own trial lines
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -65,54 +70,182 @@ def _print_skipped(scan) -> None:
             click.echo(f"  ... and {len(scan.skipped) - 20} more (see scan.json)", err=True)
 
 
+_PLAN_OPTIONS = [
+    click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`; any timm model name works online)."),
+    click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen."),
+    click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet."),
+    click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
+    click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone."),
+    click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),
+    click.option("--head-epochs", type=int, default=60, help="Epochs of the linear head on cached features."),
+    click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full)."),
+    click.option("--lr", type=float, default=1e-3, help="Learning rate of the head."),
+    click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr."),
+    click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data)."),
+    click.option("--batch-size", type=int, default=32),
+    click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/."),
+    click.option("--seed", type=int, default=0),
+]
+
+
+def _plan_options(command):
+    for option in reversed(_PLAN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _echo_plans(plans: list[Plan]) -> None:
+    from autotransfer.selector import describe
+
+    for rank, plan in enumerate(plans, start=1):
+        click.echo(f"{rank}. {describe(plan)}")
+        for reason in plan.reasons:
+            click.echo(f"     - {reason}")
+
+
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`; any timm model name works online).")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="frozen",
-              help="frozen: train a new head on cached features; partial: fine-tune above --cut; full: fine-tune everything.")
-@click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen.")
-@click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet.")
-@click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train).")
-@click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
-@click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's].")
-@click.option("--head-epochs", type=int, default=60, help="Epochs of the linear head on cached features.")
-@click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full).")
-@click.option("--lr", type=float, default=1e-3, help="Learning rate of the head.")
-@click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr.")
-@click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data).")
-@click.option("--batch-size", type=int, default=32)
-@click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/.")
-@click.option("--seed", type=int, default=0)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="Skip the decision: frozen (head on cached features), partial (fine-tune above --cut) or full. [default: autotransfer decides]")
+@_plan_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Run a saved plan.json (other plan options are ignored).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="RUN folder [default: runs/<data>-<strategy>].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Search: number of trials (rule Plans first).")
+@click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h. [default: 3x one estimated full fine-tune, unless --trials is given]")
+@click.option("--storage", default=None, help="Search: Optuna storage URL, e.g. postgresql://user@host/db, shared with `autotransfer worker`. [default: sqlite in RUN]")
+@click.option("--max-images", type=click.IntRange(min=2), default=400, help="Search: images the profile forwards (a stratified sample).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted search in --out RUN.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="RUN folder [default: runs/<data>-<strategy or auto>].")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
-def fit(data: Path, plan_file: Path | None, out: Path | None, no_progress: bool, **options) -> None:
-    """Train a classifier on DATA following a plan and write the RUN folder.
+def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | None,
+        time_budget: str | None, storage: str | None, max_images: int, resume: bool,
+        out: Path | None, no_progress: bool, **options) -> None:
+    """Train the best classifier for DATA and write the RUN folder.
+
+    Without --strategy or --plan, autotransfer decides: it profiles DATA (size, quality,
+    distance to ImageNet per depth), ranks Plans by explicit rules, tries them first in
+    an Optuna search (then sampled ones, pruning weak fine-tuning), and keeps the winner
+    on validation. The decision and its reasons are printed and stored.
 
     \b
-    RUN/model.pt      the model (loads with timm alone, see README)
-    RUN/plan.json     what was run; `fit DATA --plan RUN/plan.json` runs it again
-    RUN/metrics.json  accuracy, macro-F1, per-class accuracy, confusion matrix
-    RUN/logs/         Lightning CSV logs per stage
+    RUN/model.pt         the model (loads with timm alone, see README)
+    RUN/plan.json        what won, with its reasons; `fit DATA --plan RUN/plan.json` reruns it
+    RUN/metrics.json     accuracy, macro-F1, per-class accuracy, confusion matrix
+    RUN/profile.json     the profile (search only)
+    RUN/leaderboard.csv  every trial (search only); RUN/study.db the Optuna study
+    RUN/logs/            Lightning CSV logs per stage
     """
     from autotransfer.data import scan_folder
-    from autotransfer.train import fit as run_fit
 
     _quiet_frameworks()
-    plan = Plan.load(plan_file) if plan_file else Plan(**options)
-    out = out or Path("runs") / f"{data.resolve().name}-{plan.strategy}"
+    progress = not no_progress
+    if resume:
+        from autotransfer.selector import continue_search
+
+        if out is None:
+            raise click.UsageError("--resume needs --out RUN, the folder of the search to continue")
+        plan = continue_search(out, adopt=True, log=click.echo)
+        _echo_decision(plan, out)
+        return
+    if plan_file or strategy:
+        plan = Plan.load(plan_file) if plan_file else Plan(strategy=strategy, **options)
+        out = out or Path("runs") / f"{data.resolve().name}-{plan.strategy}"
+        scan = _scan(data, plan)
+        from autotransfer.train import fit as run_fit
+
+        result = run_fit(scan, plan, out, progress=progress, log=click.echo)
+        _echo_result(result.metrics, result.seconds, out)
+        return
+
+    from autotransfer.search import SearchConfig, default_storage, parse_duration
+    from autotransfer.selector import estimate_full_finetune_seconds, profile_and_rank, select_and_fit
+
+    start = time.perf_counter()
+    base = Plan(**options)
+    out = out or Path("runs") / f"{data.resolve().name}-auto"
+    out.mkdir(parents=True, exist_ok=True)
+    scan = _scan(data, base)
+    profile, plans = profile_and_rank(scan, base, max_images, progress)
+    profile.save(out / "profile.json")
+    click.echo(f"profile: {profile.summary.method} distance {profile.summary.distance if profile.summary.distance is None else round(profile.summary.distance, 2)}; ranked plans:")
+    _echo_plans(plans)
+    budget = parse_duration(time_budget) if time_budget else None
+    if budget is None and trials is None:
+        one_full = estimate_full_finetune_seconds(scan, plans[0])
+        budget = max(60.0, 3 * one_full - (time.perf_counter() - start))
+        click.echo(f"search budget: {budget:.0f}s (3x one estimated full fine-tune of {one_full:.0f}s, less the profile)")
+    config = SearchConfig(
+        data=str(data.resolve()), storage=storage or default_storage(out), backbones=[base.backbone],
+        base=base, trials=trials, time_budget=budget, seed=base.seed,
+    )
+    plan = select_and_fit(config, out, plans, scan=scan, log=click.echo)
+    metrics = json.loads((out / "metrics.json").read_text())
+    _echo_result(metrics, time.perf_counter() - start, out)
+    _echo_decision(plan, out)
+
+
+def _scan(data: Path, plan: Plan):
+    from autotransfer.data import scan_folder
+
     scan = scan_folder(data, plan.val_fraction, plan.seed)
     _print_skipped(scan)
     sizes = ", ".join(f"{split} {len(r)}" for split, r in scan.splits.items())
     click.echo(f"{data}: {len(scan.classes)} classes, {sizes} images")
-    result = run_fit(scan, plan, out, progress=not no_progress, log=click.echo)
-    val = result.metrics["val"]
+    return scan
+
+
+def _echo_result(metrics: dict, seconds: float, out: Path) -> None:
+    val = metrics["val"]
     click.echo(
-        f"done in {result.seconds:.0f}s: val accuracy {val['accuracy']:.4f}, "
-        f"macro-F1 {val['macro_f1']:.4f}"
-        + (f"; test accuracy {result.metrics['test']['accuracy']:.4f}" if "test" in result.metrics else "")
+        f"done in {seconds:.0f}s: val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
+        + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
     )
     click.echo(f"run saved in {out}/ (model.pt, plan.json, metrics.json)")
+
+
+def _echo_decision(plan: Plan, out: Path) -> None:
+    from autotransfer.selector import describe
+
+    click.echo(f"decision: {describe(plan)}")
+    for reason in plan.reasons:
+        click.echo(f"  - {reason}")
+    click.echo(f"all trials: {out}/leaderboard.csv")
+
+
+@main.command("plan")
+@click.argument("data", type=click.Path(path_type=Path))
+@_plan_options
+@click.option("--max-images", type=click.IntRange(min=2), default=400, help="Images the profile forwards (a stratified sample).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("plan.json"), help="Where to write the top-ranked Plan.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+def plan_command(data: Path, max_images: int, out: Path, no_progress: bool, **options) -> None:
+    """Profile DATA and print the ranked Plans with their reasons; write the top one.
+
+    `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
+    """
+    from autotransfer.selector import profile_and_rank
+
+    base = Plan(**options)
+    scan = _scan(data, base)
+    _, plans = profile_and_rank(scan, base, max_images, not no_progress)
+    _echo_plans(plans)
+    plans[0].save(out)
+    click.echo(f"top plan written to {out}; run it with `autotransfer fit {data} --plan {out}`")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+def worker(run: Path) -> None:
+    """Join the search of RUN: run its queued trials in this process.
+
+    Start the search with a shared storage (`fit DATA --storage postgresql://... --trials N
+    --out RUN`), then run `autotransfer worker RUN` on other machines that see the same
+    DATA path and RUN folder (or a copy of RUN/search.json). Each trial runs exactly once.
+    """
+    from autotransfer.selector import continue_search
+
+    _quiet_frameworks()
+    continue_search(run, adopt=False, log=click.echo)
+    click.echo(f"no queued trial left in {run}'s study")
 
 
 @main.command()

@@ -19,6 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from autotransfer.backbones import BackboneSpec
 from autotransfer.data import DatasetScan, ImageRecord, load_rgb
 from autotransfer.strategies import Preprocessing, TransferNet
 
@@ -95,6 +96,18 @@ def feature_key(
         [architecture, weights_id, feature_level, asdict(prep), data_hash], sort_keys=True
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+def weights_id(spec: BackboneSpec, weights: str, seed: int) -> str:
+    """What identifies a backbone's weights in cache keys (features, calibration)."""
+    if weights == "pretrained":
+        return f"pretrained:{spec.package}:{spec.name}"
+    if weights == "random":
+        return f"random:seed={seed}"
+    path = Path(weights)
+    if not path.is_file():
+        return f"file:{path}"
+    return f"file:{path.resolve()}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ from autotransfer import __version__
 from autotransfer.backbones import BackboneSpec, create_model, get_backbone
 from autotransfer.data import DatasetScan, ImageRecord, SkippedFile, load_rgb, scan_folder
 from autotransfer.errors import DataError
-from autotransfer.features import cache_dir, eval_transform, feature_key, image_loader
+from autotransfer.features import cache_dir, eval_transform, feature_key, image_loader, weights_id
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, coarse_groups
 from autotransfer.transferability import constant_logme, knn_accuracy, logme, majority_accuracy
@@ -663,18 +663,6 @@ def calibrate(
 # ------------------------------------------------------------------------ the profile
 
 
-def weights_id(spec: BackboneSpec, weights: str, seed: int) -> str:
-    """What identifies the weights; the same string as `train.weights_id` (a test checks)."""
-    if weights == "pretrained":
-        return f"pretrained:{spec.package}:{spec.name}"
-    if weights == "random":
-        return f"random:seed={seed}"
-    path = Path(weights)
-    if not path.is_file():
-        return f"file:{path}"
-    return f"file:{path.resolve()}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
-
-
 def _classifier_model(spec: BackboneSpec, weights: str, seed: int) -> nn.Module:
     """The backbone with its pretraining head (ImageNet's 1000 classes for most)."""
     cfg = timm.models.get_pretrained_cfg(spec.architecture)
@@ -744,12 +732,14 @@ def profile_dataset(
     seed: int = 0,
     k: int = KNN_K,
     progress: bool = True,
+    scan: DatasetScan | None = None,
 ) -> Profile:
-    """Scan DATA, run the backbone once over (a stratified sample of) train+val, measure."""
+    """Scan DATA (unless `scan` is given), run the backbone once over (a stratified sample
+    of) train+val, measure."""
     start = time.perf_counter()
     if max_images < 2:
         raise DataError(f"max_images must be at least 2, but got {max_images}")
-    scan = scan_folder(data, val_fraction, seed)
+    scan = scan or scan_folder(data, val_fraction, seed)
     spec = get_backbone(backbone)
     prep = Preprocessing.for_plan(spec, Plan(backbone, image_size=image_size, weights=weights))
     model = _classifier_model(spec, weights, seed)

@@ -15,16 +15,14 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import optuna
 
-from autotransfer.backbones import create_model, get_backbone
 from autotransfer.errors import AutotransferError, RunError
 from autotransfer.plan import Plan
-from autotransfer.strategies import attach_head, coarse_groups
+from autotransfer.strategies import depth_of
 
 STUDY_NAME = "autotransfer"
 SEARCH_FILE = "search.json"
@@ -102,16 +100,6 @@ def open_study(config: SearchConfig) -> optuna.Study:
     if storage is not None:
         optuna.storages.fail_stale_trials(study)
     return study
-
-
-@lru_cache(maxsize=None)
-def depth_of(backbone: str, feature_level: int | None) -> tuple[int, int]:
-    """(coarse groups at this level, feature levels) of a backbone; random init is enough."""
-    spec = get_backbone(backbone)
-    model = create_model(spec, "random", num_classes=0)
-    levels = len(model.feature_info)
-    attach_head(model, feature_level, 2)
-    return len(coarse_groups(model)), levels
 
 
 def plan_from_params(params: dict, base: Plan) -> Plan:

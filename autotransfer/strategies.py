@@ -9,12 +9,13 @@ frozen modules (and, with bn_mode 'frozen', every BatchNorm) stay in eval mode w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from timm.models import group_modules, group_parameters
 from torch import nn
 
-from autotransfer.backbones import BackboneSpec, create_model
+from autotransfer.backbones import BackboneSpec, create_model, get_backbone
 from autotransfer.errors import PlanError
 from autotransfer.plan import Plan
 
@@ -170,3 +171,13 @@ def describe_backbone(spec: BackboneSpec) -> dict:
         "groups": len(coarse_groups(model)),
         "levels": len(model.feature_info),
     }
+
+
+@lru_cache(maxsize=None)
+def depth_of(backbone: str, feature_level: int | None) -> tuple[int, int]:
+    """(coarse groups at this level, feature levels) of a backbone; random init is enough."""
+    spec = get_backbone(backbone)
+    model = create_model(spec, "random", num_classes=0)
+    levels = len(model.feature_info)
+    attach_head(model, feature_level, 2)
+    return len(coarse_groups(model)), levels

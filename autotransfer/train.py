@@ -25,7 +25,13 @@ from autotransfer import __version__
 from autotransfer.backbones import BackboneSpec, get_backbone
 from autotransfer.checkpoint import MODEL_FILE, save_model
 from autotransfer.data import DatasetScan
-from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
+from autotransfer.features import (
+    cached_features,
+    eval_transform,
+    image_loader,
+    train_transform,
+    weights_id,
+)
 from autotransfer.metrics import classification_report
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, TransferNet, build_net
@@ -41,6 +47,7 @@ class ClassifierTask(pl.LightningModule):
     def __init__(
         self, module: nn.Module, param_groups: list[dict], epochs: int, weight_decay: float,
         class_weights: torch.Tensor | None = None,
+        report: Callable[[int, float], None] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
@@ -55,6 +62,7 @@ class ClassifierTask(pl.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self.train_losses: list[float] = []
+        self.report = report  # report(epoch, val accuracy) after each epoch; may raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -82,6 +90,8 @@ class ClassifierTask(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         # ties on accuracy (common on small val sets) go to the lower loss: a better head
+        if self.report is not None:
+            self.report(self.current_epoch, acc)
         if acc > self.best_acc or (acc == self.best_acc and loss < self.best_loss):
             self.best_acc, self.best_loss = acc, loss
             self.best_logits = logits
@@ -95,21 +105,6 @@ class ClassifierTask(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.param_groups, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-
-class ValReport(pl.Callback):
-    """Hands each epoch's validation accuracy to `report(step, accuracy)` (e.g. a pruner).
-
-    `report` may raise to stop the run; steps continue across stages via `offset`.
-    """
-
-    def __init__(self, report: Callable[[int, float], None], offset: int = 0) -> None:
-        self.report = report
-        self.offset = offset
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self.report(self.offset + trainer.current_epoch, float(trainer.callback_metrics["val_acc"]))
 
 
 class OnInterrupt(pl.Callback):
@@ -155,16 +150,6 @@ def _feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int,
     )
 
 
-def weights_id(plan: Plan, spec: BackboneSpec) -> str:
-    """What identifies the weights for the feature cache key."""
-    if plan.weights == "pretrained":
-        return f"pretrained:{spec.package}:{spec.name}"
-    if plan.weights == "random":
-        return f"random:seed={plan.seed}"
-    path = Path(plan.weights)
-    return f"file:{path.resolve()}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
-
-
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, mean 1 over present classes: rare classes count more."""
     counts = torch.bincount(labels, minlength=num_classes).float()
@@ -207,7 +192,7 @@ def fit(
     def save() -> None:
         save_model(out / MODEL_FILE, net.model, spec.architecture, plan.feature_level, classes, prep)
 
-    wid = weights_id(plan, spec)
+    wid = weights_id(spec, plan.weights, plan.seed)
     features = {
         split: cached_features(
             net, scan, split, prep, spec.architecture, wid, plan.feature_level, progress=progress
@@ -241,10 +226,10 @@ def fit(
         head_state = copy.deepcopy(net.state_dict())
         net.train()
         ft_task = ClassifierTask(
-            net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay, weights
+            net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay, weights,
+            report=(lambda epoch, acc: report(epoch + 1, acc)) if report else None,
         )
-        reports = [ValReport(report, offset=1)] if report else []
-        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save), *reports], progress)
+        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save)], progress)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)

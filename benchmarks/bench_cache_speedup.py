@@ -20,10 +20,11 @@ import torch
 
 from autotransfer.backbones import get_backbone
 from autotransfer.data import scan_folder
-from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
+from autotransfer.features import cached_features, image_loader, train_transform
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, build_net
-from autotransfer.train import ClassifierTask, _feature_batches, backbone_param_groups, weights_id
+from autotransfer.features import weights_id
+from autotransfer.train import ClassifierTask, _feature_batches, backbone_param_groups
 
 GOAL = 20.0
 
@@ -65,7 +66,7 @@ def main() -> int:
     prep = Preprocessing.for_plan(spec, plan)
     net = build_net(spec, plan, len(scan.classes))
     feats, labels, _ = cached_features(
-        net, scan, "train", prep, spec.architecture, weights_id(plan, spec), None, progress=False
+        net, scan, "train", prep, spec.architecture, weights_id(spec, plan.weights, plan.seed), None, progress=False
     )
     head = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 1e-3}], 20, 1e-4)
     head_epoch = _epoch_seconds(head, _feature_batches(feats, labels, 64, True, 0), 20)

@@ -23,8 +23,8 @@ from autotransfer.profile import (
     format_profile,
     profile_dataset,
     stratified_sample,
-    weights_id,
 )
+from autotransfer.features import weights_id
 from autotransfer.strategies import Preprocessing, build_net, coarse_groups
 
 DATASETS = Path(os.environ.get("AUTOTRANSFER_DATASETS", Path(__file__).parents[2] / "shared" / "datasets"))
@@ -148,19 +148,16 @@ def test_bn_gap_is_zero_when_data_makes_the_running_stats(cache, data: Path, tmp
 
 
 def test_profile_fills_the_feature_cache_fit_reads(cache, data: Path, tmp_path: Path) -> None:
-    from autotransfer.train import weights_id as train_weights_id
-
     spec = get_backbone("test_efficientnet")
     torch.manual_seed(0)
     torch.save(create_model(spec, "random").state_dict(), tmp_path / "w.pth")
     plan = Plan("test_efficientnet", weights=str(tmp_path / "w.pth"), image_size=64)
-    assert weights_id(spec, plan.weights, plan.seed) == train_weights_id(plan, spec)
 
     _profile(data, weights=plan.weights)
     scan = scan_folder(data)
     net = build_net(spec, plan, len(scan.classes))
     prep = Preprocessing.for_plan(spec, plan)
-    feats, labels, reused = cached_features(net, scan, "train", prep, spec.architecture, train_weights_id(plan, spec), None, progress=False)
+    feats, labels, reused = cached_features(net, scan, "train", prep, spec.architecture, weights_id(spec, plan.weights, plan.seed), None, progress=False)
     assert reused
     fresh, fresh_labels = extract_features(net, scan.splits["train"], prep, progress=False)
     assert torch.equal(labels, fresh_labels)

@@ -16,7 +16,8 @@ from autotransfer.data import scan_folder
 from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, build_net
-from autotransfer.train import ClassifierTask, backbone_param_groups, fit, predict_records, weights_id
+from autotransfer.features import weights_id
+from autotransfer.train import ClassifierTask, backbone_param_groups, fit, predict_records
 from conftest import CLASSES, FAST
 
 pytestmark = [
@@ -186,17 +187,17 @@ def test_backbone_param_groups_split_head_and_trainable_backbone():
 
 def test_weights_id_identifies_the_weights(tmp_path):
     spec = get_backbone("test_resnet")
-    assert weights_id(Plan("test_resnet", weights="random", seed=3), spec) == "random:seed=3"
-    assert weights_id(Plan("test_resnet"), spec) == "pretrained:autotransfer:test_resnet"
+    assert weights_id(spec, "random", 3) == "random:seed=3"
+    assert weights_id(spec, "pretrained", 0) == "pretrained:autotransfer:test_resnet"
 
     path = tmp_path / "w.pth"
     torch.save({"a": torch.zeros(2)}, path)
-    first = weights_id(Plan("test_resnet", weights=str(path)), spec)
+    first = weights_id(spec, str(path), 0)
     assert str(path.resolve()) in first
     stat = path.stat()
     torch.save({"a": torch.ones(3)}, path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert weights_id(Plan("test_resnet", weights=str(path)), spec) != first
+    assert weights_id(spec, str(path), 0) != first
 
 
 def test_classifier_task_keeps_and_restores_the_best_epoch():

@@ -1,0 +1,141 @@
+"""Rule engine: a Profile in, a ranked list of Plans out, each with its reasons in words.
+
+The cs231n quadrants (size x distance to ImageNet) are the skeleton; what we measured
+fills in the numbers (README, "How it decides"). Every threshold lives in `THRESHOLDS`,
+with the evidence that set it. Rules only propose: the search tries their Plans first
+and keeps whatever wins on validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from autotransfer.plan import Plan
+from autotransfer.profile import Profile
+from autotransfer.strategies import depth_of
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # Images per class in train. Measured (RESEARCH.md, tf_efficientnet_lite0, 6 epochs):
+    # with ~10/class every fine-tuning variant lost to a frozen extractor, often by 10-50
+    # points; with ~50/class fine-tuning from the middle won by 2-6 points. The switch lies
+    # between, so "few" ends at 20 and "many" (full fine-tuning first) starts at 500.
+    few_per_class: float = 20
+    many_per_class: float = 500
+    # Summary distance (profile.summary.distance, relative BN gap: 1.0 = the calibration
+    # photos). Near sets (hymenoptera, flowers) measured below it, pneumoniamnist far above.
+    far_distance: float = 2.0
+    # Largest/smallest class at or above this: weight the loss by inverse frequency.
+    imbalance_ratio: float = 3.0
+    # Images whose median side is below this are upsampled to `small_image_size` instead
+    # of the backbone's size: 4x fewer pixels than 224 for CIFAR-sized inputs, measured
+    # here as the resolution where fine-tuning fits a CPU budget (RESEARCH.md, 128 px).
+    small_image_side: int = 96
+    small_image_size: int = 128
+
+
+THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rules read off a Profile, in the units the reasons are written in."""
+
+    per_class: float
+    distance: float | None
+    distance_method: str
+    imbalance: float
+    median_side: float
+    levels: int  # timm feature levels of the backbone
+    best_level: int | None  # feature level with the best k-NN accuracy (None = top)
+    best_level_knn: float
+    top_knn: float
+    groups: int
+
+
+def facts(profile: Profile) -> Facts:
+    depths = profile.depths
+    levels = [d for d in depths if d.feature_level is not None]
+    top = depths[-1]
+    best = max(levels, key=lambda d: (d.knn_accuracy, d.logme), default=top)
+    groups, n_levels = depth_of(profile.backbone, None)
+    # Only the calibrated distance is in the units of the thresholds; a raw gap is not.
+    calibrated = profile.summary.method == "bn_gap_relative"
+    # The top group's output is the whole backbone (feature level None), unless only a
+    # level below it beats it on k-NN by a clear margin.
+    best_level = best.feature_level if best.knn_accuracy > top.knn_accuracy + 0.01 else None
+    return Facts(
+        per_class=profile.size.train_per_class.median,
+        distance=profile.summary.distance if calibrated else None,
+        distance_method=profile.summary.method,
+        imbalance=profile.size.imbalance_ratio,
+        median_side=min(profile.images.width.median, profile.images.height.median),
+        levels=n_levels,
+        best_level=best_level,
+        best_level_knn=best.knn_accuracy,
+        top_knn=top.knn_accuracy,
+        groups=groups,
+    )
+
+
+def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list[Plan]:
+    """Ranked Plans for this data, best guess first, each carrying its reasons."""
+    f = facts(profile)
+    common: list[str] = []
+    base = replace(base, backbone=profile.backbone, weights=profile.weights)
+    if f.imbalance >= t.imbalance_ratio:
+        base = replace(base, class_weighting=True)
+        common.append(f"classes imbalanced {f.imbalance:.1f}:1 (>= {t.imbalance_ratio:g}) -> loss weighted by inverse class frequency")
+    if f.median_side < t.small_image_side and base.image_size is None:
+        base = replace(base, image_size=t.small_image_size)
+        common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {t.small_image_size} px, not the backbone's size")
+
+    far = f.distance is not None and f.distance >= t.far_distance
+    where = (
+        f"{'far from' if far else 'near'} ImageNet ({f.distance_method} {f.distance:.2f}, far from {t.far_distance:g})"
+        if f.distance is not None else "distance to ImageNet unknown"
+    )
+    size = f"{f.per_class:.0f} images/class"
+    depth_reason = (
+        f"k-NN on features is best at feature level {f.best_level} ({f.best_level_knn:.3f} vs {f.top_knn:.3f} at the top)"
+        if f.best_level is not None else f"k-NN on features is best at the top ({f.top_knn:.3f})"
+    )
+    frozen_best = _plan(base, "frozen", None, f.best_level, [*common, depth_reason])
+    frozen_top = _plan(base, "frozen", None, None, [*common, "the classic frozen extractor at the top"])
+    frozen_below = _plan(base, "frozen", None, max(0, f.levels - 2), [*common, "one feature level below the top: with few images the best frozen cut was 1-2 blocks below the top on every set we measured"])
+    half = max(1, f.groups // 2)
+    partial_mid = _plan(base, "partial", half, None, [*common, f"fine-tune the top {f.groups - half} of {f.groups} groups (from the middle)"])
+    partial_far = _plan(base, "partial", max(1, half - 1), None, [*common, "far from ImageNet: more blocks retrained than near it"])
+    full = _plan(base, "full", None, None, list(common))
+
+    if f.per_class <= t.few_per_class:
+        lead = f"{size} (<= {t.few_per_class:g}: few) and {where} -> frozen extractor"
+        ranked = [frozen_best, frozen_below, frozen_top, partial_mid]
+    elif f.per_class >= t.many_per_class:
+        lead = f"{size} (>= {t.many_per_class:g}: many) and {where} -> full fine-tuning"
+        ranked = [full, partial_far if far else partial_mid, frozen_best]
+    elif far:
+        lead = f"{size} (between {t.few_per_class:g} and {t.many_per_class:g}) and {where} -> fine-tune from an earlier block"
+        ranked = [partial_far, partial_mid, frozen_best, full]
+    else:
+        lead = f"{size} (between {t.few_per_class:g} and {t.many_per_class:g}) and {where} -> fine-tune from the middle, frozen as fallback"
+        ranked = [partial_mid, frozen_best, full]
+    ranked[0] = replace(ranked[0], reasons=[lead, *ranked[0].reasons])
+    for i, plan in enumerate(ranked[1:], start=2):
+        ranked[i - 1] = replace(plan, reasons=[f"alternative {i}: {lead.split(' -> ')[0]}", *plan.reasons])
+    return _unique(ranked)
+
+
+def _plan(base: Plan, strategy: str, cut: int | None, level: int | None, reasons: list[str]) -> Plan:
+    return replace(base, strategy=strategy, cut=cut, feature_level=level, reasons=reasons)
+
+
+def _unique(plans: list[Plan]) -> list[Plan]:
+    seen, out = set(), []
+    for plan in plans:
+        key = (plan.strategy, plan.cut, plan.feature_level)
+        if key not in seen:
+            seen.add(key)
+            out.append(plan)
+    return out

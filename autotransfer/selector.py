@@ -1,0 +1,124 @@
+"""Decide and prove: profile the data, rank Plans by rules, search from them, and adopt
+the winning trial into RUN.
+
+scan -> Profile -> [Plan...] (rules, with reasons) -> trials (search) -> best trial in RUN.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from autotransfer.backbones import get_backbone
+from autotransfer.data import DatasetScan, scan_folder
+from autotransfer.plan import Plan
+from autotransfer.profile import Profile, profile_dataset
+from autotransfer.rules import rank_plans
+from autotransfer.search import (
+    SearchConfig,
+    adopt_best,
+    enqueue_plans,
+    fill_queue,
+    open_study,
+    run_search,
+)
+from autotransfer.strategies import Preprocessing, build_net
+from autotransfer.train import fit
+
+
+def trial_runner(scan: DatasetScan, log: Callable[[str], None]) -> Callable:
+    """Runs one trial's Plan as a normal fit into its own folder, quietly."""
+
+    def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None]) -> dict:
+        log(f"trial: {describe(plan)}")
+        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report)
+        log(f"  -> val accuracy {result.metrics['val']['accuracy']:.4f} in {result.seconds:.0f}s")
+        return result.metrics
+
+    return run
+
+
+def describe(plan: Plan) -> str:
+    depth = "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
+    what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
+            "full": "full fine-tuning"}[plan.strategy]
+    return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (
+        f", {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
+    )
+
+
+def select_and_fit(
+    config: SearchConfig, run_dir: Path, rule_plans: list[Plan],
+    scan: DatasetScan | None = None, log: Callable[[str], None] = print,
+) -> Plan:
+    """Search (rule Plans first), then put the best trial's model and plan into RUN."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir)
+    if config.trials is not None:
+        rule_plans = rule_plans[: config.trials]
+    scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
+    study = open_study(config)
+    enqueue_plans(study, rule_plans, config.backbones)
+    if config.trials is not None:
+        fill_queue(study, config.trials)
+    run_search(study, config, run_dir, trial_runner(scan, log))
+    plan, _ = adopt_best(study, run_dir)
+    return plan
+
+
+def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print) -> Plan | None:
+    """Run more trials of RUN's study with the settings it was started with.
+
+    `fit --resume RUN` adopts the best trial afterwards; `worker RUN` (possibly on another
+    machine, sharing the study through a server storage) only adds trials.
+    """
+    config = SearchConfig.load(run_dir)
+    study = open_study(config)
+    if adopt and config.trials is not None:
+        fill_queue(study, config.trials)  # refill the places of trials a kill failed
+    scan = scan_folder(config.data, config.base.val_fraction, config.base.seed)
+    run_search(study, config, run_dir, trial_runner(scan, log))
+    return adopt_best(study, run_dir)[0] if adopt else None
+
+
+def profile_and_rank(
+    scan: DatasetScan, base: Plan, max_images: int = 400, progress: bool = True
+) -> tuple[Profile, list[Plan]]:
+    """Profile the data for the base Plan's backbone, then let the rules rank Plans."""
+    profile = profile_dataset(
+        scan.root, base.backbone, base.weights, max_images=max_images,
+        image_size=base.image_size, val_fraction=base.val_fraction, seed=base.seed,
+        progress=progress, scan=scan,
+    )
+    return profile, rank_plans(profile, base)
+
+
+def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
+    """What one full fine-tuning run of `plan` would cost here, from two timed steps.
+
+    The default search budget is a multiple of this (issue: whole fit <= 3x one full
+    fine-tune), so the budget follows the machine, the backbone and the data size.
+    """
+    spec = get_backbone(plan.backbone)
+    full = replace(plan, strategy="full", cut=None, reasons=[])
+    net = build_net(spec, full, len(scan.classes)).train()
+    size = Preprocessing.for_plan(spec, full).input_size
+    images = torch.randn(8, 3, size, size)
+    labels = torch.zeros(8, dtype=torch.long)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
+    timings = []
+    for _ in range(2):  # the first step pays for warm-up
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+        timings.append((time.perf_counter() - start) / len(images))
+    train_per_image = timings[-1]
+    eval_per_image = train_per_image / 3  # forward only
+    n_train, n_val = len(scan.splits["train"]), len(scan.splits["val"])
+    features = (n_train + n_val) * eval_per_image
+    return features + plan.epochs * (n_train * train_per_image + n_val * eval_per_image)

@@ -1,0 +1,102 @@
+"""Each rule fires on a Profile built for it (a real tiny profile, facts set by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from autotransfer.plan import Plan
+from autotransfer.profile import Profile, profile_dataset
+from autotransfer.rules import THRESHOLDS, facts, rank_plans
+
+BASE = Plan("test_efficientnet", weights="random")
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Profile:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        return profile_dataset(image_folder, "test_efficientnet", "random", image_size=64, progress=False)
+
+
+def shaped(profile: Profile, per_class: float, distance: float | None = 0.8, imbalance: float = 1.0,
+           side: float = 200.0, best_level: int | None = None) -> Profile:
+    size = replace(profile.size, imbalance_ratio=imbalance,
+                   train_per_class=replace(profile.size.train_per_class, median=per_class))
+    images = replace(profile.images, width=replace(profile.images.width, median=side),
+                     height=replace(profile.images.height, median=side))
+    summary = replace(profile.summary, distance=distance,
+                      method="bn_gap_relative" if distance is not None else "none")
+    depths = [replace(d, knn_accuracy=0.5) for d in profile.depths]
+    if best_level is not None:
+        depths = [replace(d, knn_accuracy=0.9) if d.feature_level == best_level else d for d in depths]
+    return replace(profile, size=size, images=images, summary=summary, depths=depths)
+
+
+def test_few_images_rank_frozen_extractors_first(profile: Profile) -> None:
+    plans = rank_plans(shaped(profile, per_class=10), BASE)
+    assert plans[0].strategy == "frozen"
+    assert "10 images/class (<= 20: few)" in plans[0].reasons[0]
+    assert {p.strategy for p in plans[:2]} == {"frozen"}
+    assert any(p.feature_level is not None for p in plans if p.strategy == "frozen")  # a block below the top
+
+
+def test_medium_near_data_fine_tunes_from_the_middle(profile: Profile) -> None:
+    plans = rank_plans(shaped(profile, per_class=50, distance=0.9), BASE)
+    groups = facts(shaped(profile, per_class=50)).groups
+    assert plans[0].strategy == "partial" and plans[0].cut == groups // 2
+    assert "near ImageNet" in plans[0].reasons[0]
+    assert "frozen" in [p.strategy for p in plans]
+
+
+def test_medium_far_data_retrains_more_blocks(profile: Profile) -> None:
+    near = rank_plans(shaped(profile, per_class=50, distance=0.9), BASE)[0]
+    far = rank_plans(shaped(profile, per_class=50, distance=THRESHOLDS.far_distance + 5), BASE)[0]
+    assert far.strategy == "partial" and far.cut < near.cut
+    assert "far from ImageNet" in far.reasons[0]
+
+
+def test_many_images_fine_tune_everything(profile: Profile) -> None:
+    plans = rank_plans(shaped(profile, per_class=1000), BASE)
+    assert plans[0].strategy == "full"
+    assert "many" in plans[0].reasons[0]
+
+
+def test_imbalance_turns_on_class_weighting(profile: Profile) -> None:
+    balanced = rank_plans(shaped(profile, per_class=50, imbalance=1.2), BASE)
+    skewed = rank_plans(shaped(profile, per_class=50, imbalance=3.5), BASE)
+    assert not any(p.class_weighting for p in balanced)
+    assert all(p.class_weighting for p in skewed)
+    assert any("imbalanced 3.5:1" in r for r in skewed[0].reasons)
+
+
+def test_small_images_are_upsampled_less(profile: Profile) -> None:
+    small = rank_plans(shaped(profile, per_class=50, side=32), BASE)
+    assert all(p.image_size == THRESHOLDS.small_image_size for p in small)
+    big = rank_plans(shaped(profile, per_class=50, side=300), BASE)
+    assert all(p.image_size is None for p in big)
+    fixed = rank_plans(shaped(profile, per_class=50, side=32), replace(BASE, image_size=64))
+    assert all(p.image_size == 64 for p in fixed)  # the user's choice wins
+
+
+def test_knn_peak_below_the_top_picks_that_feature_level(profile: Profile) -> None:
+    level = next(d.feature_level for d in profile.depths if d.feature_level is not None)
+    plans = rank_plans(shaped(profile, per_class=10, best_level=level), BASE)
+    assert plans[0].strategy == "frozen" and plans[0].feature_level == level
+    assert f"best at feature level {level}" in " ".join(plans[0].reasons)
+
+
+def test_uncalibrated_distance_is_not_read_as_far(profile: Profile) -> None:
+    plans = rank_plans(shaped(profile, per_class=50, distance=None), BASE)
+    assert "distance to ImageNet unknown" in plans[0].reasons[0]
+
+
+def test_plans_are_unique_and_valid(profile: Profile) -> None:
+    for per_class in (5, 50, 5000):
+        plans = rank_plans(shaped(profile, per_class=per_class), BASE)
+        keys = [(p.strategy, p.cut, p.feature_level) for p in plans]
+        assert len(keys) == len(set(keys))
+        assert all(p.reasons for p in plans)

@@ -1,0 +1,84 @@
+"""Decide and prove, end to end on tiny data: profile -> rules -> search -> adopted winner."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from autotransfer.cli import main
+from autotransfer.data import scan_folder
+from autotransfer.plan import Plan
+from autotransfer.train import fit
+
+from conftest import FAST, FAST_CLI
+
+
+def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "3", "--max-images", "24",
+                                       "--backbone", "test_efficientnet", *FAST_CLI, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "ranked plans:" in result.output and "decision:" in result.output
+    for name in ("model.pt", "plan.json", "metrics.json", "profile.json", "leaderboard.csv", "study.db", "search.json"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "leaderboard.csv").open()))
+    assert len(rows) == 3 and rows[0]["from_rules"] == "True"
+    plan = Plan.load(run / "plan.json")
+    assert any("won the search" in r for r in plan.reasons)
+    best = max(float(r["val_accuracy"]) for r in rows if r["val_accuracy"])
+    assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] == pytest.approx(best)
+
+    evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(image_folder), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+    # resume on a finished study runs nothing more and adopts the same winner
+    resumed = CliRunner().invoke(main, ["fit", str(image_folder), "--resume", "--out", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    study = optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{run / 'study.db'}")
+    assert len(study.trials) == 3
+    worker = CliRunner().invoke(main, ["worker", str(run)])
+    assert worker.exit_code == 0 and "no queued trial left" in worker.output
+
+
+def test_plan_command_writes_a_plan_fit_reruns(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", str(image_folder), "--backbone", "test_efficientnet",
+                                       "--weights", "random", "--image-size", "32", "--max-images", "24",
+                                       "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\n1. ") == 1 and "\n2. " in result.output
+    plan = Plan.load(out)
+    assert plan.reasons and plan.backbone == "test_efficientnet"
+    rerun = CliRunner().invoke(main, ["fit", str(image_folder), "--plan", str(out), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rerun.exit_code == 0, rerun.output
+    assert Plan.load(tmp_path / "r" / "plan.json") == plan
+
+
+def test_resume_of_a_folder_that_is_no_search(tmp_path: Path, image_folder: Path) -> None:
+    result = CliRunner().invoke(main, ["fit", str(image_folder), "--resume", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not a search run" in result.output and "Traceback" not in result.output
+
+
+class Stop(Exception):
+    pass
+
+
+def test_report_sees_every_stage_and_can_stop_fine_tuning(image_folder: Path, tmp_path: Path) -> None:
+    seen: list[tuple[int, float]] = []
+
+    def report(step: int, accuracy: float) -> None:
+        seen.append((step, accuracy))
+        if step == 1:
+            raise Stop  # what a pruner does
+
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "epochs": 3})
+    with pytest.raises(Stop):
+        fit(scan_folder(image_folder), plan, tmp_path / "run", progress=False, log=lambda _: None, report=report)
+    assert [step for step, _ in seen] == [0, 1]
+    assert all(0.0 <= acc <= 1.0 for _, acc in seen)
