@@ -372,5 +372,94 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
     click.echo(f"profile saved to {out}")
 
 
+@main.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--per-class", "per_class", multiple=True, default=("10", "50", "all"),
+              help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
+@click.option("--quick", is_flag=True,
+              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class, val and test at 50/class, grid cuts at 1/4, 1/2, 3/4 of the depth, 4 trials. Options below override it.")
+@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
+@click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
+@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else the rules' choice per dataset].")
+@click.option("--head-epochs", type=click.IntRange(min=1), default=None, help="Linear-head epochs [default: 30 with --quick, else 60].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of every recipe [default: 2 with --quick, else 6].")
+@click.option("--lr", type=float, default=None, help="Head learning rate of every recipe [default: 1e-3].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: 4 with --quick, else the default budget of `fit`].")
+@click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
+@click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")
+@click.option("--no-progress", is_flag=True, help="Accepted for symmetry with fit; bench prints one line per recipe.")
+def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed: int, keep_models: bool,
+          out: Path, no_progress: bool, **options) -> None:
+    """Compare autotransfer's choice with fixed recipes and a per-depth grid on DATA...
+
+    For every dataset and every --per-class size: a frozen extractor, the Keras guide's
+    two stages, fastai's fine_tune, plain fine-tuning without a linear probe, the grid
+    (frozen at each feature level and the top; LP-FT from each cut and full), and
+    autotransfer (profile -> rules -> search). Reports held-out accuracy (test/, else val/),
+    macro-F1, wall time and regret against the grid's best.
+
+    \b
+    OUT/bench.md    the tables
+    OUT/bench.json  everything, with the command, settings, versions and machine
+    OUT/bench.html  tables and plots (layer-transfer curves, recipes), self-contained
+    OUT/runs/       each recipe's RUN folder (models deleted unless --keep-models)
+    """
+    from autotransfer.bench import BenchSettings, parse_sizes, run_bench, verdict_lines
+
+    _quiet_frameworks()
+    sizes = parse_sizes(per_class)
+    make = BenchSettings.quick_mode if quick else BenchSettings.full_mode
+    settings = make(seed=seed, keep_models=keep_models, **options)
+    command = _command_line(click.get_current_context(), ["autotransfer", "bench", *map(str, data)])
+    report = run_bench(list(data), sizes, settings, out, command=command, log=click.echo)
+    for line in verdict_lines(report):
+        click.echo(line)
+    click.echo(f"report: {out}/bench.md, {out}/bench.html, {out}/bench.json")
+
+
+def _command_line(ctx: click.Context, head: list[str]) -> str:
+    """The command as typed, less the defaults, rebuilt from the parsed options (for reports)."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    words = list(head)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            continue
+        flag = param.opts[-1] if param.opts[-1].startswith("--") else param.opts[0]
+        if param.is_flag:
+            words += [flag] if value else []
+        else:
+            words += [w for v in (value if param.multiple else [value]) for w in (flag, str(v))]
+    return shlex.join(words)
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for report.html, report.md, report.json and figures [default: RUN/report].")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="The image folder, if it moved since the run [default: the one the run recorded].")
+@click.option("--curve", is_flag=True, help="Also fit a linear probe on cached features at every feature level: a measured frozen curve (one forward pass over train+val per level not yet cached).")
+@click.option("--max-misclassified", type=click.IntRange(min=0), default=48, help="Misclassified validation images shown, most confident first; 0 skips recomputing predictions.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+def report(run: Path, out: Path | None, data: Path | None, curve: bool, max_misclassified: int, no_progress: bool) -> None:
+    """Explain RUN: data, decision, layer-transfer curve, search, errors.
+
+    Writes a self-contained report.html (no network needed to view it), report.md and
+    report.json to --out. Works on explicit runs too: what they lack is named, with the
+    command that produces it.
+    """
+    from autotransfer.report import build_report, write_report
+
+    result = build_report(run, data, curve, max_misclassified, not no_progress, click.echo)
+    paths = write_report(result, out or run / "report")
+    for section, why in result.missing.items():
+        click.echo(f"{section}: {why}", err=True)
+    click.echo(f"report written to {paths['html']} (and {paths['md'].name}, {paths['json'].name})")
+
+
 if __name__ == "__main__":
     main()

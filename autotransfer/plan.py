@@ -36,6 +36,9 @@ class Plan:
     backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio
     weight_decay: float = 1e-4
     class_weighting: bool = False  # inverse-frequency loss weights for imbalanced classes
+    # partial/full: train the linear head on cached features first (LP-FT). False starts
+    # fine-tuning from a random head, as plain fine-tuning does (a baseline for benchmarks).
+    lp_init: bool = True
     batch_size: int = 32
     val_fraction: float = 0.2
     seed: int = 0
@@ -63,6 +66,11 @@ class Plan:
         for name in ("lr", "backbone_lr_ratio"):
             if getattr(self, name) <= 0:
                 raise PlanError(f"{name} must be positive, but got {getattr(self, name)}")
+        if not self.lp_init and (self.strategy == "frozen" or self.epochs < 1):
+            raise PlanError(
+                f"lp_init false (fine-tune from a random head) needs strategy partial or full "
+                f"with epochs >= 1, but got strategy '{self.strategy}' with {self.epochs} epochs"
+            )
         if self.image_size is not None and self.image_size < 16:
             raise PlanError(f"image_size must be at least 16 px, but got {self.image_size}")
 
@@ -73,7 +81,7 @@ class Plan:
             (int, type(None)): ("cut", "feature_level", "image_size"),
             (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction"),
             str: ("backbone", "strategy", "bn_mode", "weights"),
-            bool: ("class_weighting",),
+            bool: ("class_weighting", "lp_init"),
             list: ("reasons",),
         }
         for kind, names in kinds.items():

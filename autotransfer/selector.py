@@ -30,12 +30,18 @@ from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.train import fit
 
 
-def trial_runner(scan: DatasetScan, log: Callable[[str], None]) -> Callable:
-    """Runs one trial's Plan as a normal fit into its own folder, quietly."""
+def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | None = None) -> Callable:
+    """Runs one trial's Plan as a normal fit into its own folder, quietly.
+
+    With a time budget, a trial's fine-tuning stops when the budget is spent (keeping
+    its best epoch), so the last trial cannot overrun the budget by a whole run.
+    """
+    deadline = None if budget is None else time.monotonic() + budget
 
     def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None]) -> dict:
         log(f"trial: {describe(plan)}")
-        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report)
+        left = None if deadline is None else deadline - time.monotonic()
+        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report, max_seconds=left)
         log(f"  -> val accuracy {result.metrics['val']['accuracy']:.4f} in {result.seconds:.0f}s")
         return result.metrics
 
@@ -65,7 +71,7 @@ def select_and_fit(
     enqueue_plans(study, rule_plans, config.backbones)
     if config.trials is not None:
         fill_queue(study, config.trials)
-    run_search(study, config, run_dir, trial_runner(scan, log))
+    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
     plan, _ = adopt_best(study, run_dir)
     return plan
 
@@ -81,7 +87,7 @@ def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None
     if adopt and config.trials is not None:
         fill_queue(study, config.trials)  # refill the places of trials a kill failed
     scan = scan_folder(config.data, config.base.val_fraction, config.base.seed)
-    run_search(study, config, run_dir, trial_runner(scan, log))
+    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
     return adopt_best(study, run_dir)[0] if adopt else None
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import platform
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,7 @@ from autotransfer.features import (
     cached_features,
     eval_transform,
     image_loader,
+    torch_threads,
     train_transform,
     weights_id,
 )
@@ -118,9 +120,13 @@ class OnInterrupt(pl.Callback):
             self.save()
 
 
-def _trainer(out: Path, stage: str, epochs: int, callbacks: list[pl.Callback], progress: bool) -> pl.Trainer:
+def _trainer(
+    out: Path, stage: str, epochs: int, callbacks: list[pl.Callback], progress: bool,
+    max_seconds: float | None = None,
+) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
+        max_time=None if max_seconds is None else timedelta(seconds=max(1.0, max_seconds)),
         accelerator="auto",
         devices=1,
         logger=CSVLogger(out / "logs", name=stage, version=""),
@@ -170,11 +176,14 @@ def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
 def fit(
     scan: DatasetScan, plan: Plan, out: str | Path, progress: bool = True,
     log: Callable[[str], None] = print, report: Callable[[int, float], None] | None = None,
+    max_seconds: float | None = None,
 ) -> FitResult:
     """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics.
 
     `report(step, val_accuracy)` gets the head's best accuracy as step 0, then every
     fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
+    Fine-tuning stops after `max_seconds` of the whole run (a search's time budget),
+    keeping the best epoch so far.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -193,35 +202,42 @@ def fit(
         save_model(out / MODEL_FILE, net.model, spec.architecture, plan.feature_level, classes, prep)
 
     wid = weights_id(spec, plan.weights, plan.seed)
-    features = {
-        split: cached_features(
-            net, scan, split, prep, spec.architecture, wid, plan.feature_level, progress=progress
+    stages: dict[str, float] = {}
+    if plan.lp_init:
+        features = {
+            split: cached_features(
+                net, scan, split, prep, spec.architecture, wid, plan.feature_level, progress=progress
+            )
+            for split in ("train", "val")
+        }
+        reused = all(reuse for _, _, reuse in features.values())
+        log(f"features: {'reused from cache' if reused else 'computed and cached'}")
+        (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
+
+        weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
+        head_task = ClassifierTask(
+            net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
+            plan.head_epochs, plan.weight_decay, weights,
         )
-        for split in ("train", "val")
-    }
-    reused = all(reuse for _, _, reuse in features.values())
-    log(f"features: {'reused from cache' if reused else 'computed and cached'}")
-    (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
-
-    weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
-    head_task = ClassifierTask(
-        net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
-        plan.head_epochs, plan.weight_decay, weights,
-    )
-    trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(save)], progress)
-    trainer.fit(
-        head_task,
-        _feature_batches(train_f, train_y, max(plan.batch_size, 64), True, plan.seed),
-        _feature_batches(val_f, val_y, 1024, False, plan.seed),
-    )
-    head_task.restore_best()
-    val_logits = head_task.best_logits
-    head_acc = head_task.best_acc
-    log(f"linear head on features: val accuracy {head_acc:.4f}")
-    if report:
-        report(0, head_acc)
-
-    stages = {"head_val_accuracy": head_acc}
+        trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(save)], progress)
+        with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
+            trainer.fit(
+                head_task,
+                _feature_batches(train_f, train_y, max(plan.batch_size, 64), True, plan.seed),
+                _feature_batches(val_f, val_y, 1024, False, plan.seed),
+            )
+        head_task.restore_best()
+        val_logits = head_task.best_logits
+        head_acc = head_task.best_acc
+        log(f"linear head on features: val accuracy {head_acc:.4f}")
+        if report:
+            report(0, head_acc)
+        stages["head_val_accuracy"] = head_acc
+    else:  # plain fine-tuning from a random head: no features, nothing to fall back to
+        reused, head_acc = False, -1.0
+        train_y, val_y = (torch.tensor([r.label for r in scan.splits[s]], dtype=torch.long) for s in ("train", "val"))
+        weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
+        log("no linear probe first (lp_init false): fine-tuning starts from a random head")
     if plan.strategy != "frozen" and plan.epochs > 0:
         head_state = copy.deepcopy(net.state_dict())
         net.train()
@@ -229,7 +245,8 @@ def fit(
             net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay, weights,
             report=(lambda epoch, acc: report(epoch + 1, acc)) if report else None,
         )
-        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save)], progress)
+        left = None if max_seconds is None else max_seconds - (time.perf_counter() - start)
+        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(save)], progress, left)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)

@@ -42,3 +42,12 @@ def test_hymenoptera_full(tmp_path: Path) -> None:
 def test_flowers_frozen(tmp_path: Path) -> None:
     metrics, _, _ = _fit(tmp_path, "flowers", "--strategy", "frozen")
     assert metrics["val"]["accuracy"] >= 0.85
+
+
+def test_hymenoptera_decides_and_explains(tmp_path: Path) -> None:
+    metrics, _, output = _fit(tmp_path, "hymenoptera", "--trials", "2", "--epochs", "2")
+    assert metrics["val"]["accuracy"] >= 0.92
+    assert "ranked plans:" in output and "decision:" in output
+    profile = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert any(s["path"].endswith("imageNotFound.gif") for s in profile["quality"]["skipped"])
+    assert profile["summary"]["distance"] < 2.0  # near ImageNet

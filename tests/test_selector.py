@@ -82,3 +82,13 @@ def test_report_sees_every_stage_and_can_stop_fine_tuning(image_folder: Path, tm
         fit(scan_folder(image_folder), plan, tmp_path / "run", progress=False, log=lambda _: None, report=report)
     assert [step for step, _ in seen] == [0, 1]
     assert all(0.0 <= acc <= 1.0 for _, acc in seen)
+
+
+def test_time_limit_stops_fine_tuning_and_keeps_a_model(image_folder: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "epochs": 50})
+    result = fit(scan_folder(image_folder), plan, tmp_path / "run", progress=False, log=lambda _: None,
+                 report=lambda step, _: seen.append(step), max_seconds=0.5)
+    assert max(seen) < 50  # stopped by the clock, not by the epoch count
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert 0.0 <= result.metrics["val"]["accuracy"] <= 1.0

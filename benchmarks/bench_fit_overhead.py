@@ -1,0 +1,100 @@
+"""A whole `autotransfer fit DATA` (profile + rules + search within the default budget +
+adopting the winner) vs one full fine-tuning run of the same backbone on the same data.
+
+Both start from the same scan (a seeded, stratified subsample of the training split, val
+untouched) and from an empty feature cache, at the same image size; the full fine-tune
+is `fit --strategy full` with the default epochs. The profile's calibration reference is
+computed once per backbone and kept across runs in real use, so it is warmed first and
+its one-time cost reported apart. Goal (issue 5): whole fit <= 3x one full fine-tune.
+
+    python benchmarks/bench_fit_overhead.py [DATA] [--per-class 25] [--image-size 128] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytorch_lightning as pl
+import timm
+import torch
+
+from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample, use_cache, warm_calibration
+from autotransfer.data import scan_folder
+from autotransfer.plan import Plan
+from autotransfer.train import fit
+
+GOAL = 3.0
+DATASETS = Path(os.environ.get("AUTOTRANSFER_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, nargs="?", default=DATASETS / "hymenoptera")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--per-class", type=int, default=25, help="Training images per class (seeded, stratified).")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="Alternating pairs of runs; the median ratio counts.")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fit_overhead.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    scan = subsample(scan_folder(args.data, 0.2, args.seed), args.per_class, args.seed)
+    base = Plan(args.backbone, image_size=args.image_size, seed=args.seed)
+    full_plan = Plan(args.backbone, "full", image_size=args.image_size, seed=args.seed)
+    pairs = []
+    with tempfile.TemporaryDirectory(prefix="autotransfer-fit-overhead-") as work, use_cache(Path(work) / "cache"):
+        work = Path(work)
+        calibration = warm_calibration(base)
+        for i in range(args.repeats):
+            empty_feature_cache()
+            start = time.perf_counter()
+            full = fit(scan, full_plan, work / f"full-{i}", progress=False, log=lambda _: None)
+            full_s = time.perf_counter() - start
+            print(f"one full fine-tune: {full_s:.1f} s, val accuracy {full.metrics['val']['accuracy']:.4f}", flush=True)
+            auto = run_autotransfer(scan, base, work / f"auto-{i}", trials=None, log=print)
+            print(f"whole fit: {auto['seconds']:.1f} s (profile {auto['profile_seconds']:.1f} s, budget "
+                  f"{auto['budget_seconds']:.0f} s, {auto['trials_run']} trials) -> {auto['choice']}, "
+                  f"val accuracy {auto['val_accuracy']:.4f}", flush=True)
+            pairs.append({
+                "full_finetune_s": round(full_s, 2), "full_val_accuracy": full.metrics["val"]["accuracy"],
+                "fit_s": auto["seconds"], "profile_s": auto["profile_seconds"], "budget_s": auto["budget_seconds"],
+                "trials": auto["trials_run"], "choice": auto["choice"], "fit_val_accuracy": auto["val_accuracy"],
+                "ratio": round(auto["seconds"] / full_s, 3),
+            })
+    ratios = sorted(p["ratio"] for p in pairs)
+    ratio = ratios[len(ratios) // 2]
+    result = {
+        "benchmark": "whole fit (profile + search within the default budget + adopt) vs one full fine-tune, same scan",
+        "command": " ".join(["python", *sys.argv]),
+        "data": str(args.data), "per_class": args.per_class,
+        "images": {split: len(records) for split, records in scan.splits.items()},
+        "backbone": args.backbone, "image_size": args.image_size, "full_finetune_epochs": full_plan.epochs,
+        "calibration_s_one_time": round(calibration, 2),
+        "runs": pairs, "ratio": ratio, "goal": GOAL, "passed": ratio <= GOAL,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "pytorch_lightning": pl.__version__,
+                     "optuna": optuna.__version__, "python": platform.python_version()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The benchmark: seeded stratified subsamples of train only, the full table of recipes with
+regrets from a tiny bench, one-line user errors, and the lp_init flag it needs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autotransfer.bench import cap_split, parse_sizes, scan_datasets, subsample, BenchSettings
+from autotransfer.cli import main
+from autotransfer.data import scan_folder
+from autotransfer.errors import DataError, PlanError
+from autotransfer.plan import Plan
+from autotransfer.recipes import fixed_recipes, grid_recipes
+from autotransfer.train import fit
+
+from conftest import FAST, FAST_CLI
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
+
+
+def paths(records) -> list[str]:
+    return [r.path for r in records]
+
+
+def test_subsample_is_seeded_stratified_and_touches_only_train(split_folder: Path) -> None:
+    scan = scan_folder(split_folder)
+    small = subsample(scan, 3, seed=0)
+    assert Counter(r.label for r in small.splits["train"]) == {0: 3, 1: 3, 2: 3}
+    assert small.splits["val"] is scan.splits["val"] and small.splits["test"] is scan.splits["test"]
+    assert len(scan.splits["train"]) == 18  # the original is not modified
+    assert paths(subsample(scan, 3, seed=0).splits["train"]) == paths(small.splits["train"])
+    assert paths(subsample(scan, 3, seed=1).splits["train"]) != paths(small.splits["train"])
+    assert set(paths(subsample(scan, 2, seed=0).splits["train"])) < set(paths(small.splits["train"]))  # nested
+    assert paths(subsample(scan, 50, seed=0).splits["train"]) == paths(scan.splits["train"])
+    assert subsample(scan, None, seed=0) is scan
+
+
+def test_class_folders_draw_val_first_then_subsample_train(image_folder: Path) -> None:
+    (scan,) = scan_datasets([image_folder], BenchSettings(seed=0))
+    assert paths(scan.splits["val"]) == paths(scan_folder(image_folder, 0.2, 0).splits["val"])
+    small = subsample(scan, 2, seed=0)
+    assert small.splits["val"] is scan.splits["val"]
+    assert not set(paths(small.splits["train"])) & set(paths(scan.splits["val"]))
+
+
+def test_caps_keep_class_proportions_and_other_splits(split_folder: Path) -> None:
+    scan = scan_folder(split_folder)
+    scan.splits["train"] = [r for r in scan.splits["train"] if r.label != 0 or r.path.endswith(("00.jpg", "01.jpg"))]
+    capped = cap_split(scan, "train", 3, seed=0)  # 3/class on average: 9 of 14 images
+    assert len(capped.splits["train"]) == 9
+    counts = Counter(r.label for r in capped.splits["train"])
+    assert counts[0] == 2 and sorted([counts[1], counts[2]]) == [3, 4]  # the small class stays small
+    assert capped.splits["val"] is scan.splits["val"]
+
+
+def test_parse_sizes() -> None:
+    assert parse_sizes(["10", "all", "50", "10"]) == [10, None, 50]
+    for bad in ("0", "ten", "-5"):
+        with pytest.raises(DataError, match=f"--per-class must be a positive number or 'all', but got '{bad}'"):
+            parse_sizes([bad])
+
+
+def test_recipes_are_plans_of_the_same_budget() -> None:
+    base = Plan("test_efficientnet", epochs=3, image_size=32, seed=7)
+    fixed = {r.name: r.plan for r in fixed_recipes(base)}
+    assert fixed["keras-two-stage"].backbone_lr_ratio == 0.01 and fixed["fastai-fine-tune"].head_epochs == 1
+    assert fixed["plain-full-ft"].lp_init is False and fixed["frozen-top"].strategy == "frozen"
+    grid = grid_recipes(base)  # test_efficientnet: 6 coarse groups, 5 feature levels
+    assert [r.name for r in grid] == [*(f"frozen-L{i}" for i in range(5)), "frozen-top",
+                                      *(f"partial-cut{c}" for c in range(1, 6)), "full"]
+    for recipe in [*fixed_recipes(base), *grid]:
+        assert (recipe.plan.epochs, recipe.plan.image_size, recipe.plan.seed) == (3, 32, 7)
+    with pytest.raises(ValueError, match="cuts must be between 0 and 5"):
+        grid_recipes(base, cuts=[6])
+
+
+def test_plain_fine_tuning_without_linear_probe(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="lp_init false .* needs strategy partial or full"):
+        Plan("test_efficientnet", lp_init=False)
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "lp_init": False})
+    result = fit(scan_folder(image_folder), plan, tmp_path / "run", progress=False, log=lambda _: None)
+    assert "head_val_accuracy" not in result.metrics["stages"]
+    assert result.metrics["val"]["accuracy"] == result.metrics["stages"]["finetune_val_accuracy"]
+    assert not (tmp_path / "run" / "logs" / "head").exists()
+    assert Plan.load(tmp_path / "run" / "plan.json").lp_init is False
+
+
+def test_tiny_bench_writes_every_recipe_with_regret(split_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", str(split_folder), "--quick", "--per-class", "4",
+                                       "--backbone", "test_efficientnet", "--trials", "2", *FAST_CLI,
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "within 1 point of the grid's best" in result.output
+    report = json.loads((out / "bench.json").read_text())
+    (cell,) = report["cells"]
+    assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
+    names = [r["recipe"] for r in cell["rows"]]
+    # quick grid on 6 groups: cuts at 1/4, 1/2, 3/4 of the depth
+    assert names == ["frozen-top", "keras-two-stage", "fastai-fine-tune", "plain-full-ft",
+                     *(f"frozen-L{i}" for i in range(5)), "partial-cut2", "partial-cut3",
+                     "partial-cut4", "full", "autotransfer"]
+    assert all("error" not in r for r in cell["rows"]), [r.get("error") for r in cell["rows"]]
+    best = max(r["heldout_accuracy"] for r in cell["rows"] if "grid" in r["kinds"])
+    for row in cell["rows"]:
+        assert row["regret"] == pytest.approx(100 * (best - row["heldout_accuracy"]), abs=0.01)
+        assert row["seconds"] > 0
+    assert cell["within_1_point"] == (cell["autotransfer_regret"] <= 1.0)
+    auto = cell["rows"][-1]
+    assert auto["trials_run"] == 2 and auto["choice"].startswith("test_efficientnet")
+    assert report["command"].startswith("autotransfer bench") and report["versions"]["torch"]
+    assert report["settings"]["image_size"] == 32 and report["settings"]["quick"] is True
+
+    markdown = (out / "bench.md").read_text()
+    assert "regret" in markdown and "| autotransfer |" in markdown
+    for name in names:
+        assert f"| {name} |" in markdown
+    html = (out / "bench.html").read_text()
+    assert "<table>" in html and "http" not in html.replace("http-equiv", "")  # self-contained
+    pytest.importorskip("matplotlib")
+    assert html.count("data:image/png;base64,") == 2  # curves and recipes for the one size
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/folder"], "/no/such/folder does not exist"),
+    (["{data}", "--per-class", "none"], "--per-class must be a positive number or 'all'"),
+])
+def test_bench_user_errors_are_one_line_exit_1(args, message, split_folder: Path, tmp_path: Path) -> None:
+    args = [a.replace("{data}", str(split_folder)) for a in args]
+    result = CliRunner().invoke(main, ["bench", *args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b" / "bench.json").exists()

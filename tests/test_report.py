@@ -1,0 +1,241 @@
+"""`autotransfer report`: one tiny real search run and the session's explicit runs, reported
+as HTML/Markdown/JSON; the HTML opened in a real headless Chromium (screenshot, no console
+errors, no broken images, nothing fetched)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from autotransfer.cli import main
+from autotransfer.errors import RunError
+from autotransfer.report import build_report, linear_probe, write_report
+from autotransfer.strategies import depth_of
+
+from conftest import FAST_CLI
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
+
+BACKBONE = "test_efficientnet"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Path:
+    """`fit` without --strategy: profile, 3 trials (rules first), adopted winner."""
+    run = tmp_path_factory.mktemp("report") / "search"
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("report-cache")))
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        result = invoke("fit", image_folder, "--trials", "3", "--max-images", "24", "--backbone", BACKBONE,
+                        *FAST_CLI, "--out", run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture(scope="module")
+def search_report(search_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        result = invoke("report", search_run, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"report written to {out / 'report.html'}" in result.stdout
+    return out
+
+
+def _self_contained(page: str) -> None:
+    sources = re.findall(r'\b(?:src|href)="([^"]*)"', page)
+    assert sources
+    assert all(s.startswith(("data:", "#")) for s in sources), [s[:60] for s in sources if not s.startswith(("data:", "#"))]
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+
+
+def test_search_run_report(search_run: Path, search_report: Path) -> None:
+    page = (search_report / "report.html").read_text()
+    _self_contained(page)
+    for anchor in ("profile", "decision", "curve", "search", "results", "misclassified"):
+        assert f'<section id="{anchor}">' in page
+    assert "Missing:" not in page  # a search run has every section
+
+    report = json.loads((search_report / "report.json").read_text())
+    metrics = json.loads((search_run / "metrics.json").read_text())
+    assert report["schema"] == "autotransfer.report/1" and report["kind"] == "search"
+    assert report["missing"] == {}
+    assert report["plan"]["reasons"][-1].startswith("won the search")
+    # search history: every trial, rules first, best-so-far never falls
+    trials = report["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2] and trials[0]["from_rules"] is True
+    best = [t["best_so_far"] for t in trials]
+    assert best == sorted(best) and best[-1] == pytest.approx(metrics["val"]["accuracy"])
+    assert report["winner"] in (0, 1, 2)
+    # the transfer curve: k-NN at every profiled depth, plus each trial's head and fine-tuning
+    groups, _ = depth_of(BACKBONE, None)
+    assert report["groups"] == groups
+    knn = [p for p in report["curve"] if p["source"] == "profile-knn"]
+    assert sorted(p["cut"] for p in knn) == list(range(1, groups + 1))
+    heads = [p for p in report["curve"] if p["source"] == "trial-head"]
+    assert {p["trial"] for p in heads} == {t["number"] for t in trials if t["state"] == "COMPLETE"}
+    for p in report["curve"]:
+        assert 0 <= p["cut"] <= groups and 0.0 <= p["accuracy"] <= 1.0
+        if p["source"] == "trial-finetune":
+            assert p["cut"] == (0 if p["strategy"] == "full" else next(t["cut"] for t in trials if t["number"] == p["trial"]))
+    # misclassified images recomputed from the files agree with the run's own metrics
+    predictions = report["predictions"]
+    assert predictions["n"] == metrics["val"]["n"] and predictions["same_data"] is True
+    assert predictions["accuracy"] == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert len(predictions["misclassified"]) == predictions["misclassified_total"]
+    assert all("thumbnail" not in m for m in predictions["misclassified"])
+    assert page.count("data:image/jpeg;base64,") == predictions["misclassified_total"]
+
+    markdown = (search_report / "report.md").read_text()
+    linked = re.findall(r"\]\(((?:figures|misclassified)/[^)]+)\)", markdown)
+    assert {"figures/transfer-curve.png", "figures/search-history.png", "figures/confusion-val.png",
+            "figures/distance.png", "figures/class-balance.png"} <= set(linked)
+    assert all((search_report / path).is_file() for path in linked)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+_CHECK = """<script>
+window.__errors = [];
+const _error = console.error;
+console.error = (...args) => { window.__errors.push(args.join(' ')); _error.apply(console, args); };
+window.addEventListener('error', e => window.__errors.push('error: ' + (e.message || (e.target && (e.target.src || '').slice(0, 40)))), true);
+document.addEventListener('securitypolicyviolation', e => window.__errors.push('csp: ' + e.blockedURI));
+window.addEventListener('load', () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
+  const fetched = performance.getEntriesByType('resource').map(r => r.name);
+  const out = document.createElement('pre');
+  out.id = 'page-check';
+  out.textContent = JSON.stringify({images: document.images.length, broken, fetched, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _browser(*args: str, user_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+         f"--user-data-dir={user_dir}", "--enable-logging=stderr", "--v=0", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (`apt-get install -y chromium`; .ci/run does it)")
+def test_report_in_a_real_browser(search_report: Path, tmp_path: Path) -> None:
+    page = search_report / "report.html"
+    shot = search_report / "screenshot.png"
+    result = _browser(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(), user_dir=tmp_path / "a")
+    assert shot.is_file(), result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # the page has no script: any console line is an error (CSP, load)
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 3000)
+    low, high = image.getextrema()
+    assert high - low > 100  # not a blank page
+
+    # the same page plus a probe script (CSP widened for it only): images decoded, no errors
+    source = page.read_text().replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    checked = tmp_path / "checked.html"
+    checked.write_text(source.replace("<head>", "<head>" + _CHECK, 1))
+    dom = _browser("--virtual-time-budget=10000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "b")
+    found = re.search(r'<pre id="page-check">(.*?)</pre>', dom.stdout)
+    assert found, dom.stdout[-1000:] + dom.stderr[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    report = json.loads((search_report / "report.json").read_text())
+    assert check["images"] == 5 + report["predictions"]["misclassified_total"]  # figures + thumbnails
+    assert check == {**check, "broken": 0, "fetched": [], "errors": []}
+
+
+def test_explicit_run_report_names_what_is_missing(truncated_run: Path, tmp_path: Path, split_folder: Path) -> None:
+    """A `fit --strategy` run: no profile, no search; the sections say which command fills them."""
+    result = invoke("report", truncated_run, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["kind"] == "explicit" and set(report["missing"]) == {"profile", "search"}
+    assert f"autotransfer profile {split_folder} --backbone test_resnet --weights random --image-size 32" in report["missing"]["profile"]
+    assert "(no --strategy)" in report["missing"]["search"]
+    assert "profile: no profile.json" in result.stderr
+    # its own two points: the linear head at level 2 (all groups of the truncated net
+    # frozen), and the fine-tuning above cut 1
+    points = {(p["source"], p["cut"]) for p in report["curve"]}
+    assert points == {("trial-head", depth_of("test_resnet", 2)[0]), ("trial-finetune", 1)}
+    assert report["predictions"]["n"] == 6 and report["predictions"]["same_data"] is True
+    page = (tmp_path / "out" / "report.html").read_text()
+    _self_contained(page)
+    assert page.count('<div class="missing">') == 2  # the data's profile, the search history
+    assert "confusion matrix, test split" in page.lower()
+
+
+def test_moved_data_is_named_and_found_with_data_option(frozen_run: Path, split_folder: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(frozen_run, tmp_path / "run")
+    scan = json.loads((run / "scan.json").read_text())
+    (run / "scan.json").write_text(json.dumps({**scan, "root": str(tmp_path / "gone")}))
+    report = build_report(run)
+    assert report.predictions is None
+    assert "--data DIR" in report.missing["misclassified"] and str(tmp_path / "gone") in report.missing["misclassified"]
+    report = build_report(run, data=split_folder, max_misclassified=1)
+    assert report.predictions is not None and len(report.predictions.misclassified) <= 1
+    paths = write_report(report, tmp_path / "out")
+    assert all(path.is_file() for path in paths.values())
+
+
+def test_unfinished_search_reports_its_trials(search_run: Path, tmp_path: Path) -> None:
+    """Killed before the winner was adopted: no plan, model, metrics or leaderboard yet."""
+    run = shutil.copytree(search_run, tmp_path / "run")
+    for name in ("plan.json", "model.pt", "metrics.json", "leaderboard.csv"):
+        (run / name).unlink()
+    report = build_report(run)
+    assert report.kind == "search (no winner yet)"
+    assert "--resume" in report.missing["decision"] and "misclassified" in report.missing
+    assert [t.number for t in report.trials] == [0, 1, 2] and all(t.from_rules is None for t in report.trials)
+    assert any(p.source == "trial-head" for p in report.curve)
+    write_report(report, tmp_path / "out")
+    _self_contained((tmp_path / "out" / "report.html").read_text())
+
+
+def test_curve_option_probes_every_level(search_run: Path, tmp_path: Path) -> None:
+    report = build_report(search_run, curve=True, max_misclassified=0)
+    groups, levels = depth_of(BACKBONE, None)
+    probes = [p for p in report.curve if p.source == "probe"]
+    assert [p.feature_level for p in probes] == [*range(levels), None]
+    assert [p.cut for p in probes] == [depth_of(BACKBONE, level)[0] for level in range(levels)] + [groups]
+    assert all(0.0 <= p.accuracy <= 1.0 for p in probes)
+    assert "skipped (--max-misclassified 0)" in report.missing["misclassified"]
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    features = torch.randn(60, 8, generator=generator) * 0.1 + torch.nn.functional.one_hot(labels, 8).float() * 3
+    assert linear_probe(features[:45], labels[:45], features[45:], labels[45:], 3) == 1.0
+
+
+@pytest.mark.parametrize("make", [lambda t: t / "absent", lambda t: t, lambda t: (t / "f.txt").write_text("x") and t / "f.txt"],
+                         ids=["absent", "empty-folder", "file"])
+def test_not_a_run_is_one_line_exit_1(tmp_path: Path, make) -> None:
+    target = make(tmp_path)
+    result = invoke("report", target)
+    assert result.exit_code == 1
+    assert re.fullmatch(r"Error: .*(is not an autotransfer run|does not exist).*\n", result.output), result.output
+    with pytest.raises(RunError):
+        build_report(target)
