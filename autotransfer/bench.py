@@ -64,15 +64,16 @@ class BenchSettings:
     test_cap: int | None = None
     levels: list[int | None] | None = None  # frozen grid: None = every feature level + top
     cuts: list[int] | None = None  # fine-tuned grid: None = every cut; "quartiles" in quick
-    coarse_cuts: bool = False  # cuts at 1/4, 1/2, 3/4 of the groups (and full)
+    coarse_cuts: bool = False  # one cut in the middle of the groups (and full)
     quick: bool = False
     keep_models: bool = False
 
     @classmethod
     def quick_mode(cls, **overrides) -> "BenchSettings":
-        """CPU-sized: 64 px, 2 fine-tuning epochs, hard caps, coarse grid, 4 trials."""
+        """CPU-sized: 64 px, 2 fine-tuning epochs, hard caps, coarse grid, 3 trials (the
+        rules' first three Plans, so no sampled trial with up to 10 epochs)."""
         base = dict(
-            image_size=64, head_epochs=30, epochs=2, trials=4, max_images=200,
+            image_size=64, head_epochs=30, epochs=2, trials=3, max_images=200,
             train_cap=100, val_cap=50, test_cap=50, coarse_cuts=True, quick=True,
         )
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
@@ -92,7 +93,7 @@ class BenchSettings:
             caps.append(f"test capped at {self.test_cap}/class on average")
         if caps:
             caps[-1] += " (stratified, class proportions kept)"
-        grid = "cuts at 1/4, 1/2, 3/4 of the groups and full" if self.coarse_cuts and self.cuts is None else (
+        grid = "the middle cut (half the groups) and full" if self.coarse_cuts and self.cuts is None else (
             f"cuts {self.cuts} and full" if self.cuts is not None else "every cut and full")
         levels = "every feature level and the top" if self.levels is None else f"levels {self.levels}"
         search = f"{self.trials} trials" if self.trials else "default budget (3x one estimated full fine-tune, less the profile)"
@@ -311,7 +312,7 @@ def cell_recipes(base: Plan, settings: BenchSettings) -> list[tuple[Recipe, list
     cuts = settings.cuts
     if cuts is None and settings.coarse_cuts:
         groups, _ = depth_of(base.backbone, None)
-        cuts = sorted({max(1, round(groups * q)) for q in (0.25, 0.5, 0.75)} - {groups})
+        cuts = [max(1, groups // 2)]
     ordered: dict[str, tuple[Recipe, list[str]]] = {}
     for recipe in [*fixed_recipes(base), *grid_recipes(base, settings.levels, cuts), auto_recipe()]:
         if recipe.name in ordered:

@@ -95,7 +95,7 @@ def _plan_options(command):
 
 
 def _echo_plans(plans: list[Plan]) -> None:
-    from autotransfer.selector import describe
+    from autotransfer.plan import describe
 
     for rank, plan in enumerate(plans, start=1):
         click.echo(f"{rank}. {describe(plan)}")
@@ -203,7 +203,7 @@ def _echo_result(metrics: dict, seconds: float, out: Path) -> None:
 
 
 def _echo_decision(plan: Plan, out: Path) -> None:
-    from autotransfer.selector import describe
+    from autotransfer.plan import describe
 
     click.echo(f"decision: {describe(plan)}")
     for reason in plan.reasons:
@@ -377,7 +377,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--per-class", "per_class", multiple=True, default=("10", "50", "all"),
               help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
 @click.option("--quick", is_flag=True,
-              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class, val and test at 50/class, grid cuts at 1/4, 1/2, 3/4 of the depth, 4 trials. Options below override it.")
+              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, val and test at 50/class on average, fine-tuning grid = the middle cut and full, 3 trials. Options below override it.")
 @click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else the rules' choice per dataset].")
@@ -385,7 +385,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of every recipe [default: 2 with --quick, else 6].")
 @click.option("--lr", type=float, default=None, help="Head learning rate of every recipe [default: 1e-3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: 4 with --quick, else the default budget of `fit`].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: 3 with --quick, else the default budget of `fit`].")
 @click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")

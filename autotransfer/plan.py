@@ -112,3 +112,13 @@ class Plan:
             return cls(**data)
         except TypeError as exc:
             raise PlanError(f"plan file '{path}' has a value of the wrong type: {exc}") from None
+
+
+def describe(plan: Plan) -> str:
+    """The Plan in one line, as `fit`, `plan` and reports print it."""
+    depth = "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
+    what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
+            "full": "full fine-tuning"}[plan.strategy]
+    return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (
+        f", {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
+    )

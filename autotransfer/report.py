@@ -35,7 +35,7 @@ from autotransfer import __version__, plots
 from autotransfer.checkpoint import MODEL_FILE, load_model
 from autotransfer.errors import AutotransferError, RunError
 from autotransfer.features import torch_threads
-from autotransfer.plan import Plan
+from autotransfer.plan import Plan, describe
 from autotransfer.profile import Profile
 from autotransfer.rules import THRESHOLDS
 from autotransfer.strategies import depth_of
@@ -208,16 +208,6 @@ def read_trials(run: Path) -> list[TrialRow]:
             best = row.val_accuracy if best is None else max(best, row.val_accuracy)
         row.best_so_far = best
     return rows
-
-
-def describe(plan: Plan) -> str:
-    """The Plan in one line (the wording of `fit`'s output)."""
-    depth = "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
-    what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
-            "full": "full fine-tuning"}[plan.strategy]
-    return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (
-        f", {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
-    )
 
 
 # ------------------------------------------------------------------- the transfer curve

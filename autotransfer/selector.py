@@ -15,7 +15,7 @@ import torch
 
 from autotransfer.backbones import get_backbone
 from autotransfer.data import DatasetScan, scan_folder
-from autotransfer.plan import Plan
+from autotransfer.plan import Plan, describe
 from autotransfer.profile import Profile, profile_dataset
 from autotransfer.rules import rank_plans
 from autotransfer.search import (
@@ -46,15 +46,6 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
         return result.metrics
 
     return run
-
-
-def describe(plan: Plan) -> str:
-    depth = "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
-    what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
-            "full": "full fine-tuning"}[plan.strategy]
-    return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (
-        f", {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
-    )
 
 
 def select_and_fit(
