@@ -30,6 +30,26 @@ MAX_LEVELS_BELOW_TOP = 2
 MAX_TRAINED_GROUPS = 6
 
 
+def _serialise_sqlite(engine) -> None:
+    """Make every SQLite transaction BEGIN IMMEDIATE (SQLAlchemy's recipe).
+
+    Python's sqlite3 starts a transaction only at the first write, so two workers can
+    both read a trial as WAITING and both claim it. Taking the write lock at BEGIN makes
+    the claim atomic, as row locks do on PostgreSQL.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed are dropped
+
+
 @dataclass
 class SearchConfig:
     """What a search needs besides the data; saved as RUN/search.json for resume/workers."""
@@ -89,6 +109,8 @@ def open_study(config: SearchConfig) -> optuna.Study:
         )
     except Exception as exc:
         raise AutotransferError(f"cannot open study storage '{config.storage}': {exc}") from exc
+    if config.storage.startswith("sqlite"):
+        _serialise_sqlite(storage.engine)
     study = optuna.create_study(
         study_name=config.study_name,
         storage=storage,
