@@ -36,8 +36,8 @@ from typing import Callable, Iterator
 from autotransfer import __version__
 from autotransfer.data import DatasetScan, ImageRecord, scan_folder
 from autotransfer.errors import DataError
-from autotransfer.plan import Plan
-from autotransfer.recipes import AUTO, FIXED, GRID, Recipe, auto_recipe, fixed_recipes, grid_recipes
+from autotransfer.plan import Plan, describe
+from autotransfer.recipes import AUTO, GRID, Recipe, auto_recipe, fixed_recipes, grid_recipes
 from autotransfer.rules import THRESHOLDS
 
 SCHEMA = "autotransfer.bench/1"
@@ -63,7 +63,7 @@ class BenchSettings:
     val_cap: int | None = None  # applied to val/ and test/ before anything runs
     test_cap: int | None = None
     levels: list[int | None] | None = None  # frozen grid: None = every feature level + top
-    cuts: list[int] | None = None  # fine-tuned grid: None = every cut; "quartiles" in quick
+    cuts: list[int] | None = None  # fine-tuned grid: None = every cut (quick: the middle one)
     coarse_cuts: bool = False  # one cut in the middle of the groups (and full)
     quick: bool = False
     keep_models: bool = False
@@ -263,7 +263,7 @@ def run_autotransfer(
     less the time the profile took (at least 60 s).
     """
     from autotransfer.search import SearchConfig, default_storage
-    from autotransfer.selector import describe, estimate_full_finetune_seconds, profile_and_rank, select_and_fit
+    from autotransfer.selector import estimate_full_finetune_seconds, profile_and_rank, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
@@ -609,10 +609,10 @@ def plots(report: dict) -> list[tuple[str, str]]:
                 ax.axhline(auto["heldout_accuracy"], color="k", lw=1, ls=":", label="autotransfer")
             ax.set_title(f"{cell['dataset']} ({_split_label(cell)})", fontsize=9)
             ax.set_xlabel("depth: coarse groups frozen below the cut")
-            top = max((r["depth"] for r in cell["rows"] if r.get("depth") is not None), default=None)
-            if top is not None and top != int(top):  # the frozen top sits half a group above the last
-                ticks = list(range(int(top) + 1))
-                ax.set_xticks([*ticks, top], [*map(str, ticks), "top"])
+            top = _row(cell, "frozen-top")
+            if top is not None and top.get("depth") is not None:  # one step above the last group
+                ticks = list(range(int(top["depth"])))
+                ax.set_xticks([*ticks, top["depth"]], [*map(str, ticks), "top"])
             ax.set_ylabel("held-out accuracy")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)

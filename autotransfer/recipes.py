@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from autotransfer.plan import Plan
 from autotransfer.strategies import depth_of
 
-# Plan fields every recipe shares with the base; the rest are the recipe's own.
 FIXED = "fixed"  # a recipe users pick by hand
 GRID = "grid"  # one point of the per-depth grid
 AUTO = "auto"  # autotransfer's own choice
@@ -27,7 +26,7 @@ class Recipe:
     family: str  # "frozen" or "finetune": which layer-transfer curve a grid point is on
     title: str  # what it is, in words (the report's legend)
     plan: Plan | None  # None for AUTO: the selector decides
-    depth: float | None = None  # groups frozen below the cut (curves); top frozen = groups + 0.5
+    depth: float | None = None  # groups frozen below the cut (curves); frozen top = groups + 1
 
 
 def fixed_recipes(base: Plan) -> list[Recipe]:
@@ -74,7 +73,7 @@ def grid_recipes(base: Plan, levels: list[int | None] | None = None, cuts: list[
     recipes = []
     for level in levels:
         if level is None:
-            recipes.append(Recipe("frozen-top", GRID, "frozen", "frozen extractor at the top", frozen, groups + 0.5))
+            recipes.append(Recipe("frozen-top", GRID, "frozen", "frozen extractor at the top", frozen, groups + 1))
         else:
             depth = depth_of(base.backbone, level)[0]
             recipes.append(Recipe(
