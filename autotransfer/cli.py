@@ -110,7 +110,7 @@ def _echo_plans(plans: list[Plan]) -> None:
 @_plan_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Run a saved plan.json (other plan options are ignored).")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Search: number of trials (rule Plans first).")
-@click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h. [default: 3x one estimated full fine-tune, unless --trials is given]")
+@click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h. [default: the whole fit within 3x one estimated full fine-tune (at least 10s of search), unless --trials is given]")
 @click.option("--storage", default=None, help="Search: Optuna storage URL, e.g. postgresql://user@host/db, shared with `autotransfer worker`. [default: sqlite in RUN]")
 @click.option("--max-images", type=click.IntRange(min=2), default=400, help="Search: images the profile forwards (a stratified sample).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted search in --out RUN.")
@@ -157,7 +157,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
         return
 
     from autotransfer.search import SearchConfig, default_storage, parse_duration
-    from autotransfer.selector import estimate_full_finetune_seconds, profile_and_rank, select_and_fit
+    from autotransfer.selector import default_budget, profile_and_rank, select_and_fit
 
     start = time.perf_counter()
     base = Plan(**options)
@@ -170,9 +170,8 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     _echo_plans(plans)
     budget = parse_duration(time_budget) if time_budget else None
     if budget is None and trials is None:
-        one_full = estimate_full_finetune_seconds(scan, plans[0])
-        budget = max(60.0, 3 * one_full - (time.perf_counter() - start))
-        click.echo(f"search budget: {budget:.0f}s (3x one estimated full fine-tune of {one_full:.0f}s, less the profile)")
+        budget, one_full = default_budget(scan, plans[0], time.perf_counter() - start)
+        click.echo(f"search budget: {budget:.0f}s (whole fit within 3x one estimated full fine-tune of {one_full:.0f}s)")
     config = SearchConfig(
         data=str(data.resolve()), storage=storage or default_storage(out), backbones=[base.backbone],
         base=base, trials=trials, time_budget=budget, seed=base.seed,
@@ -288,7 +287,8 @@ def _fmt(values) -> str:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["auto", "train", "val", "test"]), default="auto",
-              help="Which split of DATA: auto takes test/, else val/, else all class folders.")
+              help="Which split of DATA: auto takes test/, else val/, else all class folders. "
+                   "Without val/, val is drawn again as `fit` drew it (RUN's seed and val fraction).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
     """Accuracy, macro-F1, per-class accuracy and confusion matrix of RUN on DATA."""
@@ -377,7 +377,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--per-class", "per_class", multiple=True, default=("10", "50", "all"),
               help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
 @click.option("--quick", is_flag=True,
-              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, val and test at 50/class on average, fine-tuning grid = the middle cut and full, 3 trials. Options below override it.")
+              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, val and test at 50/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget. Options below override it.")
 @click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else the rules' choice per dataset].")
@@ -385,7 +385,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of every recipe [default: 2 with --quick, else 6].")
 @click.option("--lr", type=float, default=None, help="Head learning rate of every recipe [default: 1e-3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: 3 with --quick, else the default budget of `fit`].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: none; the default time budget of `fit`].")
 @click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")

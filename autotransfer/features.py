@@ -7,10 +7,11 @@ reuses the file instead of running the backbone again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from autotransfer.backbones import BackboneSpec
 from autotransfer.data import DatasetScan, ImageRecord, load_rgb
-from autotransfer.strategies import Preprocessing, TransferNet
+from autotransfer.plan import Plan
+from autotransfer.strategies import Preprocessing, TransferNet, attach_head, build_net
 
 CACHE_ENV = "AUTOTRANSFER_CACHE"
 
@@ -142,13 +144,27 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+def cache_path(
+    architecture: str, weights_id: str, feature_level: int | None, prep: Preprocessing,
+    data_hash: str,
+) -> Path:
+    return cache_dir() / f"{feature_key(architecture, weights_id, feature_level, prep, data_hash)}.pt"
+
+
+def store_features(path: Path, feats: torch.Tensor, labels: torch.Tensor) -> None:
+    """Atomic write: an interrupted run never leaves a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"features": feats, "labels": labels}, tmp)
+    tmp.replace(path)
+
+
 def cached_features(
     net: TransferNet, scan: DatasetScan, split: str, prep: Preprocessing, architecture: str,
     weights_id: str, feature_level: int | None, batch_size: int = 64, progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(features, labels, reused) for one split, computed only when not yet on disk."""
-    key = feature_key(architecture, weights_id, feature_level, prep, scan.content_hash(split))
-    path = cache_dir() / f"{key}.pt"
+    path = cache_path(architecture, weights_id, feature_level, prep, scan.content_hash(split))
     if path.is_file():
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -158,8 +174,61 @@ def cached_features(
     feats, labels = extract_features(
         net, scan.splits[split], prep, batch_size, f"{split} features", progress
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"features": feats, "labels": labels}, tmp)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache
+    store_features(path, feats, labels)
     return feats, labels, False
+
+
+@torch.inference_mode()
+def cache_feature_levels(
+    spec: BackboneSpec, plan: Plan, scan: DatasetScan, levels: list[int | None],
+    batch_size: int = 64, progress: bool = True,
+) -> list[int | None]:
+    """Cache the pooled features of several depths from one forward pass per image.
+
+    A sweep of frozen extractors over depths then costs one pass over the data instead of
+    one per depth (cheap first). A level joins the shared pass only if, on the first
+    batch, average-pooling its feature map gives what the truncated network computes;
+    any other level is left to `cached_features`. Returns the levels cached here.
+    """
+    prep = Preprocessing.for_plan(spec, plan)
+    wid = weights_id(spec, plan.weights, plan.seed)
+    splits = [s for s, records in scan.splits.items() if records]
+    paths = {
+        (split, level): cache_path(spec.architecture, wid, level, prep, scan.content_hash(split))
+        for split in splits for level in levels
+    }
+    if all(path.is_file() for path in paths.values()):
+        return []
+    net = build_net(spec, replace(plan, strategy="frozen", cut=None, feature_level=None), len(scan.classes))
+    model = net.eval().model.to("cuda" if torch.cuda.is_available() else "cpu")
+    if not hasattr(model, "forward_intermediates"):
+        return []
+    ints = sorted({level for level in levels if level is not None})
+    shared: list[int | None] | None = None
+    for split in splits:
+        outputs: dict[int | None, list[torch.Tensor]] = {level: [] for level in levels}
+        labels = []
+        loader = image_loader(scan.splits[split], eval_transform(prep), batch_size)
+        for images, targets in tqdm(loader, desc=f"{split} features, {len(levels)} depths", unit="batch", leave=False, disable=not progress):
+            images = images.to(next(model.parameters()).device)
+            final, maps = model.forward_intermediates(images, indices=ints) if ints else (model.forward_features(images), [])
+            pooled: dict[int | None, torch.Tensor] = {
+                level: f.float().mean(dim=(2, 3)) for level, f in zip(ints, maps) if f.ndim == 4
+            }
+            pooled[None] = model.forward_head(final, pre_logits=True).float()
+            if shared is None:
+                shared = [level for level in levels if level in pooled and _matches(model, level, images, pooled[level])]
+            for level in shared:
+                outputs[level].append(pooled[level].cpu())
+            labels.append(targets)
+        for level in shared or []:
+            store_features(paths[(split, level)], torch.cat(outputs[level]), torch.cat(labels))
+    return shared or []
+
+
+def _matches(model: torch.nn.Module, level: int | None, images: torch.Tensor, pooled: torch.Tensor) -> bool:
+    """Does the network truncated at `level` compute `pooled` for `images`?"""
+    truncated = copy.deepcopy(model)
+    attach_head(truncated, level, 2)
+    expected = truncated.forward_head(truncated.forward_features(images), pre_logits=True).float()
+    return expected.shape == pooled.shape and torch.allclose(expected, pooled, rtol=1e-3, atol=1e-4)

@@ -13,15 +13,17 @@ from torchmetrics.functional.classification import (
 def classification_report(
     logits: torch.Tensor, targets: torch.Tensor, classes: list[str]
 ) -> dict:
-    """Accuracy, macro-F1, per-class accuracy (recall) and the confusion matrix."""
+    """Accuracy, macro-F1, cross-entropy, per-class accuracy (recall), confusion matrix."""
     n = len(classes)
     preds = logits.argmax(dim=1)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets) if targets.numel() else torch.tensor(float("nan"))
     per_class = multiclass_accuracy(preds, targets, num_classes=n, average="none")
     counts = torch.bincount(targets, minlength=n)
     return {
         "n": int(targets.numel()),
         "accuracy": float(multiclass_accuracy(preds, targets, num_classes=n, average="micro")),
         "macro_f1": float(multiclass_f1_score(preds, targets, num_classes=n, average="macro")),
+        "loss": float(loss),  # breaks accuracy ties: a proper score, finer than a count
         "per_class_accuracy": {
             name: (float(acc) if counts[i] > 0 else None)
             for i, (name, acc) in enumerate(zip(classes, per_class))

@@ -7,20 +7,27 @@ from pathlib import Path
 import torch
 
 from autotransfer.checkpoint import load_model
-from autotransfer.data import load_rgb, scan_folder
+from autotransfer.data import DatasetScan, load_rgb, scan_folder
 from autotransfer.errors import DataError
 from autotransfer.features import eval_transform, image_loader
 from autotransfer.metrics import classification_report
+from autotransfer.plan import Plan
 
 
 def evaluate_folder(run: str | Path, data: str | Path, split: str = "auto") -> dict:
-    """Metrics of the RUN's model on a split of DATA (auto: test, else val, else all)."""
+    """Metrics of the RUN's model on a split of DATA (auto: test, else val, else all).
+
+    DATA without val/ gets its val split drawn again with the run's seed and fraction,
+    so `--split val` scores the very images `fit` validated on.
+    """
     model, classes, prep = load_model(run)
-    scan = scan_folder(data, val_fraction=None)
+    plan = _run_plan(run) if split == "val" else None
+    fraction, seed = (plan.val_fraction, plan.seed) if plan else (None, 0)
+    scan = scan_folder(data, fraction, seed)
     if split == "auto":
         split = next(s for s in ("test", "val", "train") if s in scan.splits)
     if split not in scan.splits:
-        raise DataError(f"{data} has no {split}/ split; found: {', '.join(scan.splits)}")
+        raise DataError(_missing_split(run, data, split, scan))
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
         raise DataError(
@@ -35,8 +42,26 @@ def evaluate_folder(run: str | Path, data: str | Path, split: str = "auto") -> d
             logits.append(model(images))
             labels.append(remap[targets])
     report = classification_report(torch.cat(logits), torch.cat(labels), classes)
-    return {"split": "all" if scan.layout == "class-folders" else split, **report,
-            "skipped": [s.__dict__ for s in scan.skipped]}
+    whole = scan.layout == "class-folders" and split == "train"
+    return {"split": "all" if whole else split, **report, "skipped": [s.__dict__ for s in scan.skipped]}
+
+
+def _run_plan(run: str | Path) -> Plan | None:
+    """The Plan beside the RUN's model.pt (None without one): its seed and val fraction."""
+    run = Path(run)
+    path = (run if run.is_dir() else run.parent) / "plan.json"
+    return Plan.load(path) if path.is_file() else None
+
+
+def _missing_split(run: str | Path, data: str | Path, split: str, scan: DatasetScan) -> str:
+    if split == "val":  # only without plan.json: otherwise a val split is drawn
+        return (f"{data} has no val/ folder and {run} has no plan.json with the seed and fraction "
+                "`fit` drew its val split with; pass --split train, or a folder with val/")
+    if scan.layout == "class-folders":
+        return (f"{data} has no {split}/ folder, only class folders; pass --split val (the split "
+                f"`fit` validated on) or train (every image), or a folder with {split}/")
+    found = ", ".join(f"{s}/" for s in scan.splits)
+    return f"{data} has no {split}/ folder (found {found}); pass --split with one of those, or a folder with {split}/"
 
 
 def predict_images(run: str | Path, images: list[Path], top_k: int = 3) -> list[dict]:

@@ -35,7 +35,7 @@ from autotransfer import __version__
 from autotransfer.backbones import BackboneSpec, create_model, get_backbone
 from autotransfer.data import DatasetScan, ImageRecord, SkippedFile, load_rgb, scan_folder
 from autotransfer.errors import DataError
-from autotransfer.features import cache_dir, eval_transform, feature_key, image_loader, weights_id
+from autotransfer.features import cache_dir, cache_path, eval_transform, image_loader, store_features, weights_id
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, coarse_groups
 from autotransfer.transferability import constant_logme, knn_accuracy, logme, majority_accuracy
@@ -682,14 +682,10 @@ def _store_top_features(
         chunk = sampled[start:start + len(records)]
         if [r.path for r in chunk] != [r.path for r in records]:
             return stored
-        key = feature_key(spec.architecture, wid, None, prep, scan.content_hash(split))
-        path = cache_dir() / f"{key}.pt"
+        path = cache_path(spec.architecture, wid, None, prep, scan.content_hash(split))
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             labels = torch.tensor([r.label for r in records], dtype=torch.long)
-            torch.save({"features": pre_logits[start:start + len(records)].clone(), "labels": labels}, tmp)
-            tmp.replace(path)
+            store_features(path, pre_logits[start:start + len(records)].clone(), labels)
             stored = True
         start += len(records)
     return stored

@@ -219,6 +219,7 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         metrics = run_trial(plan, run_dir / "trials" / f"{trial.number:04d}", report)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         trial.set_user_attr("macro_f1", metrics["val"]["macro_f1"])
+        trial.set_user_attr("val_loss", metrics["val"].get("loss"))
         return metrics["val"]["accuracy"]
 
     return objective
@@ -262,19 +263,23 @@ def _waiting(study: optuna.Study) -> int:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """Highest val accuracy; ties go to higher macro-F1, then to the cheaper trial."""
+    """Highest val accuracy; ties (common on small val sets) go to the lower val loss, as
+    between epochs in training, then to higher macro-F1, then to the cheaper trial."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AutotransferError("no trial finished; raise --trials or --time-budget")
-    return max(
-        complete,
-        key=lambda t: (t.value, t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0)),
-    )
+
+    def key(t: optuna.trial.FrozenTrial) -> tuple:
+        loss = t.user_attrs.get("val_loss")
+        return (t.value, -(loss if loss is not None else float("inf")),
+                t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0))
+
+    return max(complete, key=key)
 
 
 def write_leaderboard(study: optuna.Study, path: Path) -> None:
     """One row per trial: state, accuracy, seconds, plan essentials, whether a rule queued it."""
-    fields = ["trial", "state", "val_accuracy", "macro_f1", "seconds", "backbone", "strategy",
+    fields = ["trial", "state", "val_accuracy", "val_loss", "macro_f1", "seconds", "backbone", "strategy",
               "cut", "feature_level", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
               "weight_decay", "class_weighting", "from_rules"]
     rows = []
@@ -282,8 +287,9 @@ def write_leaderboard(study: optuna.Study, path: Path) -> None:
         plan = t.user_attrs.get("plan", {})
         rows.append({
             "trial": t.number, "state": t.state.name, "val_accuracy": t.value,
+            "val_loss": t.user_attrs.get("val_loss"),
             "macro_f1": t.user_attrs.get("macro_f1"), "seconds": t.user_attrs.get("seconds"),
-            **{k: plan.get(k) for k in fields[5:-1]},
+            **{k: plan.get(k) for k in fields[6:-1]},
             "from_rules": bool(t.user_attrs.get("reasons")),
         })
     with path.open("w", newline="") as handle:

@@ -6,6 +6,7 @@ scan -> Profile -> [Plan...] (rules, with reasons) -> trials (search) -> best tr
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from autotransfer.backbones import get_backbone
 from autotransfer.data import DatasetScan, scan_folder
+from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
 from autotransfer.profile import Profile, profile_dataset
 from autotransfer.rules import rank_plans
@@ -55,16 +57,45 @@ def select_and_fit(
     """Search (rule Plans first), then put the best trial's model and plan into RUN."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
+    rule_plans = cheap_first(rule_plans)
     if config.trials is not None:
         rule_plans = rule_plans[: config.trials]
     scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
+    start = time.monotonic()
+    warm_frozen_features(scan, rule_plans)
     study = open_study(config)
     enqueue_plans(study, rule_plans, config.backbones)
     if config.trials is not None:
         fill_queue(study, config.trials)
+    if config.time_budget is not None:  # the shared feature pass is part of the search
+        config = replace(config, time_budget=max(1.0, config.time_budget - (time.monotonic() - start)))
     run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
     plan, _ = adopt_best(study, run_dir)
     return plan
+
+
+def cheap_first(plans: list[Plan]) -> list[Plan]:
+    """Frozen Plans first, rank kept otherwise: they share one pass over the data and
+    then cost a linear head each, so a tight budget still sees every depth."""
+    return sorted(plans, key=lambda plan: plan.strategy != "frozen")
+
+
+def warm_frozen_features(scan: DatasetScan, plans: list[Plan]) -> None:
+    """Cache the features of every depth the Plans start from, in one pass per backbone.
+
+    Frozen trials at several depths then read their features from disk, and partial and
+    full trials find the top features for their linear probe.
+    """
+    by_backbone: dict[tuple, list[int | None]] = {}
+    for plan in plans:
+        if plan.lp_init:
+            key = (plan.backbone, plan.weights, plan.image_size, plan.seed)
+            by_backbone.setdefault(key, [None])
+            if plan.feature_level not in by_backbone[key]:
+                by_backbone[key].append(plan.feature_level)
+    for (backbone, weights, image_size, seed), levels in by_backbone.items():
+        plan = Plan(backbone, weights=weights, image_size=image_size, seed=seed)
+        cache_feature_levels(get_backbone(backbone), plan, scan, levels, progress=False)
 
 
 def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print) -> Plan | None:
@@ -94,11 +125,29 @@ def profile_and_rank(
     return profile, rank_plans(profile, base)
 
 
-def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
-    """What one full fine-tuning run of `plan` would cost here, from two timed steps.
+# The whole fit (profile + search + adopt) may cost this many full fine-tunes (issue 4).
+FIT_COST_IN_FULL_FINETUNES = 3.0
+# The share of that the search may plan on: the last trial overruns the deadline by its
+# linear probe and test pass, and the step-time estimate is noisy on a busy machine.
+BUDGET_SAFETY = 0.85
+# Where a full fine-tune takes seconds (tens of images, low resolution), fixed costs per
+# trial (building the model, a Trainer, the test pass) would leave the search time for
+# two frozen trials; this floor lets the rules' Plans run. It binds only below ~5 s runs.
+MIN_SEARCH_SECONDS = 10.0
 
-    The default search budget is a multiple of this (issue: whole fit <= 3x one full
-    fine-tune), so the budget follows the machine, the backbone and the data size.
+
+def default_budget(scan: DatasetScan, plan: Plan, spent: float) -> tuple[float, float]:
+    """(search budget, one estimated full fine-tune) in seconds, given `spent` so far."""
+    one_full = estimate_full_finetune_seconds(scan, plan)
+    budget = BUDGET_SAFETY * FIT_COST_IN_FULL_FINETUNES * one_full - spent
+    return max(MIN_SEARCH_SECONDS, budget), one_full
+
+
+def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
+    """What one full fine-tuning run of `plan` would cost here, from a few timed steps.
+
+    The default search budget is a multiple of this, so it follows the machine, the
+    backbone and the data size.
     """
     spec = get_backbone(plan.backbone)
     full = replace(plan, strategy="full", cut=None, reasons=[])
@@ -108,13 +157,13 @@ def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
     labels = torch.zeros(8, dtype=torch.long)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
     timings = []
-    for _ in range(2):  # the first step pays for warm-up
+    for _ in range(4):  # the first step pays for warm-up; the median of the rest counts
         start = time.perf_counter()
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(net(images), labels).backward()
         optimizer.step()
         timings.append((time.perf_counter() - start) / len(images))
-    train_per_image = timings[-1]
+    train_per_image = statistics.median(timings[1:])
     eval_per_image = train_per_image / 3  # forward only
     n_train, n_val = len(scan.splits["train"]), len(scan.splits["val"])
     features = (n_train + n_val) * eval_per_image

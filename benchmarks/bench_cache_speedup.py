@@ -9,8 +9,6 @@ holds on a noisy shared machine. Goal (issue 2): ratio >= 20.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,8 @@ from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.features import weights_id
 from autotransfer.train import ClassifierTask, _feature_batches, backbone_param_groups
+
+from _results import machine, versions, write_result
 
 GOAL = 20.0
 
@@ -83,12 +83,9 @@ def main() -> int:
         "backbone": args.backbone, "image_size": prep.input_size,
         "head_epoch_s": round(head_epoch, 4), "full_epoch_s": round(full_epoch, 2),
         "ratio": round(ratio, 1), "goal": GOAL, "passed": ratio >= GOAL,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "versions": {"torch": torch.__version__, "pytorch_lightning": pl.__version__},
+        **machine(), "versions": versions(torch, pl),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0 if result["passed"] else 1
 
 

@@ -13,10 +13,8 @@ its one-time cost reported apart. Goal (issue 5): whole fit <= 3x one full fine-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample,
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
 from autotransfer.train import fit
+
+from _results import machine, versions, write_result
 
 GOAL = 3.0
 DATASETS = Path(os.environ.get("AUTOTRANSFER_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
@@ -85,14 +85,9 @@ def main() -> int:
         "backbone": args.backbone, "image_size": args.image_size, "full_finetune_epochs": full_plan.epochs,
         "calibration_s_one_time": round(calibration, 2),
         "runs": pairs, "ratio": ratio, "goal": GOAL, "passed": ratio <= GOAL,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "pytorch_lightning": pl.__version__,
-                     "optuna": optuna.__version__, "python": platform.python_version()},
+        **machine(), "versions": versions(torch, timm, pl, optuna),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0 if result["passed"] else 1
 
 

@@ -13,9 +13,7 @@ is reported apart). Goal (issue 3): profile <= 1.25 x bare pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from autotransfer.features import eval_transform, image_loader
 from autotransfer.plan import Plan
 from autotransfer.profile import _classifier_model, profile_dataset, stratified_sample
 from autotransfer.strategies import Preprocessing
+
+from _results import machine, versions, write_result
 
 GOAL = 1.25
 DATASETS = Path(os.environ.get("AUTOTRANSFER_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
@@ -91,13 +91,9 @@ def main() -> int:
         "passed": ratio <= GOAL,
         "first_profile_s_with_calibration": round(first_profile, 2),
         "summary_distance": warm.summary.distance,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        **machine(), "versions": versions(torch, timm),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0 if result["passed"] else 1
 
 

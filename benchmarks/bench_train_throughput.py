@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +36,8 @@ from autotransfer.backbones import get_backbone
 from autotransfer.plan import Plan
 from autotransfer.strategies import build_net
 from autotransfer.train import ClassifierTask, _trainer, backbone_param_groups
+
+from _results import machine, versions, write_result
 
 GOAL = 0.95
 
@@ -147,14 +146,9 @@ def main() -> int:
         "ratio_median_epochs": round(per_epoch["bare"] / per_epoch["lightning"], 3),
         "ratio_whole_runs_with_setup": round(median(totals["bare"]) / median(totals["lightning"]), 3),
         "goal": GOAL, "passed": ratio >= GOAL,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "pytorch_lightning": pl.__version__,
-                     "python": platform.python_version()},
+        **machine(), "versions": versions(torch, timm, pl),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0 if result["passed"] else 1
 
 

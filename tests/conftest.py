@@ -160,6 +160,14 @@ def frozen_run(tmp_path_factory, split_folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def class_folder_run(tmp_path_factory, image_folder: Path) -> Path:
+    """A frozen run on bare class folders, its val split drawn with a non-default seed and fraction."""
+    return _fit_session_run(
+        tmp_path_factory, image_folder, "class-folders", backbone="test_efficientnet", seed=3, val_fraction=0.5
+    )
+
+
+@pytest.fixture(scope="session")
 def truncated_run(tmp_path_factory, split_folder: Path) -> Path:
     """A finished run classifying from feature level 2 of test_resnet, fine-tuned above cut 1."""
     return _fit_session_run(

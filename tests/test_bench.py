@@ -18,6 +18,7 @@ from autotransfer.plan import Plan
 from autotransfer.recipes import fixed_recipes, grid_recipes
 from autotransfer.train import fit
 
+from browser import NO_CHROMIUM, check_in_browser, chromium
 from conftest import FAST, FAST_CLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
@@ -90,13 +91,23 @@ def test_plain_fine_tuning_without_linear_probe(image_folder: Path, tmp_path: Pa
     assert Plan.load(tmp_path / "run" / "plan.json").lp_init is False
 
 
-def test_tiny_bench_writes_every_recipe_with_regret(split_folder: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench"
-    result = CliRunner().invoke(main, ["bench", str(split_folder), "--quick", "--per-class", "4",
-                                       "--backbone", "test_efficientnet", "--trials", "2", *FAST_CLI,
-                                       "--out", str(out)])
+@pytest.fixture(scope="module")
+def tiny_bench(split_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One quick bench on the tiny split folder: (its --out folder, what it printed)."""
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTRANSFER_CACHE", str(out.parent / "cache"))
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        result = CliRunner().invoke(main, ["bench", str(split_folder), "--quick", "--per-class", "4",
+                                           "--backbone", "test_efficientnet", "--trials", "2", *FAST_CLI,
+                                           "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "within 1 point of the grid's best" in result.output
+    return out, result.output
+
+
+def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]) -> None:
+    out, output = tiny_bench
+    assert "within 1 point of the grid's best" in output
     report = json.loads((out / "bench.json").read_text())
     (cell,) = report["cells"]
     assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
@@ -123,6 +134,13 @@ def test_tiny_bench_writes_every_recipe_with_regret(split_folder: Path, tmp_path
     assert "<table>" in html and "http" not in html.replace("http-equiv", "")  # self-contained
     pytest.importorskip("matplotlib")
     assert html.count("data:image/png;base64,") == 2  # curves and recipes for the one size
+
+
+@pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)
+def test_bench_page_in_a_real_browser(tiny_bench: tuple[Path, str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    check = check_in_browser(tiny_bench[0] / "bench.html", tmp_path)
+    assert check["images"] == 2  # the layer-transfer curves and the recipes, decoded
 
 
 @pytest.mark.parametrize("args, message", [

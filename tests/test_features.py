@@ -12,12 +12,14 @@ from autotransfer.backbones import get_backbone
 from autotransfer.data import scan_folder
 from autotransfer.features import (
     cache_dir,
+    cache_feature_levels,
     cached_features,
     eval_transform,
     extract_features,
     feature_key,
     loader_workers,
     train_transform,
+    weights_id,
 )
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, build_net
@@ -129,3 +131,25 @@ def test_transforms_give_the_planned_size():
 
 def test_tiny_sets_load_in_process():
     assert loader_workers(24) == 0
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet", "test_vit"])
+def test_one_pass_caches_every_level_as_the_truncated_network_computes_it(arch, image_folder):
+    spec = get_backbone(arch)
+    plan = Plan(arch, weights="random", image_size=32)
+    scan = scan_folder(image_folder)
+    levels = [None, *range(len(build_net(spec, plan, 2).model.feature_info))]
+    cached = cache_feature_levels(spec, plan, scan, levels, progress=False)
+    if arch != "test_vit":  # CNNs: average pooling of every level's map is what truncation does
+        assert sorted(cached, key=str) == sorted(levels, key=str)
+    files = list(cache_dir().glob("*.pt"))
+    assert len(files) == len(cached) * len(scan.splits)
+    prep = Preprocessing.for_plan(spec, plan)
+    for level in levels:
+        net = build_net(spec, replace(plan, feature_level=level), len(CLASSES))
+        feats, labels, reused = cached_features(net, scan, "val", prep, arch, weights_id(spec, "random", 0), level, progress=False)
+        assert reused == (level in cached)
+        direct, direct_labels = extract_features(net, scan.splits["val"], prep, progress=False)
+        torch.testing.assert_close(feats, direct, rtol=1e-3, atol=1e-4)
+        assert torch.equal(labels, direct_labels)
+    assert cache_feature_levels(spec, plan, scan, cached, progress=False) == []  # all on disk: no pass

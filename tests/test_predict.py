@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -26,6 +27,14 @@ def test_evaluate_a_chosen_split_and_a_class_folder_layout(frozen_run, split_fol
     assert report["accuracy"] >= 23 / 24
 
 
+def test_evaluate_val_on_class_folders_redraws_the_runs_split(class_folder_run, image_folder):
+    report = evaluate_folder(class_folder_run, image_folder, split="val")
+    val = json.loads((class_folder_run / "metrics.json").read_text())["val"]
+    assert (report["split"], report["n"]) == ("val", 12)  # 0.5 of 8 per class, not the default 0.2
+    assert report["confusion_matrix"] == val["confusion_matrix"]
+    assert evaluate_folder(class_folder_run / "model.pt", image_folder, split="val")["n"] == 12
+
+
 def test_evaluate_remaps_a_subset_of_classes(frozen_run, tmp_path):
     # two of the model's three classes, so folder labels (0, 1) != model labels (1, 2)
     data = write_classes(tmp_path / "data", per_class=3, classes={k: COLOURS[k] for k in ("green", "red")}, seed=5)
@@ -36,8 +45,16 @@ def test_evaluate_remaps_a_subset_of_classes(frozen_run, tmp_path):
 
 
 def test_evaluate_errors(frozen_run, split_folder, image_folder, tmp_path):
-    with pytest.raises(DataError, match=r"has no val/ split; found: train"):
-        evaluate_folder(frozen_run, image_folder, split="val")
+    with pytest.raises(DataError, match=r"has no test/ folder, only class folders; pass --split val"):
+        evaluate_folder(frozen_run, image_folder, split="test")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(frozen_run / "model.pt", bare)
+    with pytest.raises(DataError, match=r"has no val/ folder and .*bare has no plan.json"):
+        evaluate_folder(bare, image_folder, split="val")
+    no_test = shutil.copytree(split_folder / "train", tmp_path / "no-test" / "train")
+    with pytest.raises(DataError, match=r"has no test/ folder \(found train/\); pass --split"):
+        evaluate_folder(frozen_run, no_test.parent, split="test")
     data = shutil.copytree(split_folder / "test", tmp_path / "data")
     write_classes(data, per_class=2, classes={"purple": (128, 0, 128)})
     with pytest.raises(DataError, match=r"classes the model does not know \(purple\); the model knows: blue, green, red"):

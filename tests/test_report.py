@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -15,13 +14,13 @@ import huggingface_hub.constants
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from autotransfer.cli import main
 from autotransfer.errors import RunError
 from autotransfer.report import build_report, linear_probe, write_report
 from autotransfer.strategies import depth_of
 
+from browser import NO_CHROMIUM, check_in_browser, chromium
 from conftest import FAST_CLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
@@ -110,60 +109,11 @@ def test_search_run_report(search_run: Path, search_report: Path) -> None:
     assert all((search_report / path).is_file() for path in linked)
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-_CHECK = """<script>
-window.__errors = [];
-const _error = console.error;
-console.error = (...args) => { window.__errors.push(args.join(' ')); _error.apply(console, args); };
-window.addEventListener('error', e => window.__errors.push('error: ' + (e.message || (e.target && (e.target.src || '').slice(0, 40)))), true);
-document.addEventListener('securitypolicyviolation', e => window.__errors.push('csp: ' + e.blockedURI));
-window.addEventListener('load', () => {
-  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
-  const fetched = performance.getEntriesByType('resource').map(r => r.name);
-  const out = document.createElement('pre');
-  out.id = 'page-check';
-  out.textContent = JSON.stringify({images: document.images.length, broken, fetched, errors: window.__errors});
-  document.body.appendChild(out);
-});
-</script>"""
-
-
-def _browser(*args: str, user_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-         f"--user-data-dir={user_dir}", "--enable-logging=stderr", "--v=0", *args],
-        capture_output=True, text=True, timeout=120,
-    )
-
-
-@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (`apt-get install -y chromium`; .ci/run does it)")
+@pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)
 def test_report_in_a_real_browser(search_report: Path, tmp_path: Path) -> None:
-    page = search_report / "report.html"
-    shot = search_report / "screenshot.png"
-    result = _browser(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri(), user_dir=tmp_path / "a")
-    assert shot.is_file(), result.stderr[-2000:]
-    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == [], console  # the page has no script: any console line is an error (CSP, load)
-    image = Image.open(shot).convert("L")
-    assert image.size == (1200, 3000)
-    low, high = image.getextrema()
-    assert high - low > 100  # not a blank page
-
-    # the same page plus a probe script (CSP widened for it only): images decoded, no errors
-    source = page.read_text().replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
-    checked = tmp_path / "checked.html"
-    checked.write_text(source.replace("<head>", "<head>" + _CHECK, 1))
-    dom = _browser("--virtual-time-budget=10000", "--dump-dom", checked.as_uri(), user_dir=tmp_path / "b")
-    found = re.search(r'<pre id="page-check">(.*?)</pre>', dom.stdout)
-    assert found, dom.stdout[-1000:] + dom.stderr[-2000:]
-    check = json.loads(found.group(1).replace("&quot;", '"'))
+    check = check_in_browser(search_report / "report.html", tmp_path)
     report = json.loads((search_report / "report.json").read_text())
     assert check["images"] == 5 + report["predictions"]["misclassified_total"]  # figures + thumbnails
-    assert check == {**check, "broken": 0, "fetched": [], "errors": []}
 
 
 def test_explicit_run_report_names_what_is_missing(truncated_run: Path, tmp_path: Path, split_folder: Path) -> None:

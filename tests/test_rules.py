@@ -100,3 +100,17 @@ def test_plans_are_unique_and_valid(profile: Profile) -> None:
         keys = [(p.strategy, p.cut, p.feature_level) for p in plans]
         assert len(keys) == len(set(keys))
         assert all(p.reasons for p in plans)
+
+
+def test_frozen_extractors_are_tried_at_every_level_near_the_best_knn(profile: Profile) -> None:
+    shaped_profile = shaped(profile, per_class=50, best_level=1)
+    f = facts(shaped_profile)
+    plans = rank_plans(shaped_profile, BASE)
+    frozen_levels = {p.feature_level for p in plans if p.strategy == "frozen"}
+    unmeasured = set(range(f.levels)) - set(f.level_knn)
+    far_below = {lvl for lvl, knn in f.level_knn.items() if knn < f.best_knn - THRESHOLDS.frozen_knn_margin}
+    assert far_below, "the shaped profile must have levels far below the best k-NN"
+    assert frozen_levels == {None, 1} | unmeasured  # the top, the best level, the unmeasured ones
+    assert not frozen_levels & far_below
+    why = next(p for p in plans if p.strategy == "frozen" and p.feature_level == 1).reasons
+    assert any("k-NN" in r for r in why)

@@ -43,6 +43,11 @@ def fake_accuracy(plan: Plan) -> float:
     return score - 0.1 * (plan.feature_level is not None)
 
 
+def fake_loss(plan: Plan) -> float:
+    """Lower for deeper-truncated Plans, so accuracy ties have a loss to break them."""
+    return 1.0 - 0.1 * (plan.feature_level or 0)
+
+
 def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
     """Writes what a real trial writes, reports like one, costs nothing."""
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +55,8 @@ def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
     for step in range(3):
         report(step, accuracy)
     (trial_dir / "model.pt").write_bytes(b"fake")
-    metrics = {"val": {"accuracy": accuracy, "macro_f1": accuracy}}
+    macro_f1 = accuracy - 0.001 * (plan.feature_level or 0)
+    metrics = {"val": {"accuracy": accuracy, "macro_f1": macro_f1, "loss": fake_loss(plan)}}
     (trial_dir / "metrics.json").write_text(json.dumps(metrics))
     time.sleep(float(os.environ.get("FAKE_TRIAL_SECONDS", "0")))
     return metrics
@@ -258,3 +264,16 @@ def test_resume_after_kill_loses_no_finished_trial(tmp_path: Path) -> None:
     done = resumed.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     assert finished <= {t.number for t in done}  # nothing finished before the kill is lost
     assert len(done) == 5
+
+
+def test_accuracy_ties_go_to_the_lower_validation_loss(tmp_path: Path) -> None:
+    cfg = config(":memory:", trials=2)
+    study = open_study(cfg)
+    tied = [replace(BASE, strategy="frozen", feature_level=level) for level in (2, 3)]
+    assert fake_accuracy(tied[0]) == fake_accuracy(tied[1])
+    assert fake_loss(tied[1]) < fake_loss(tied[0])  # level 3 has the lower loss, level 2 the higher F1
+    enqueue_plans(study, tied, cfg.backbones)
+    run_search(study, cfg, tmp_path, fake_trial)
+    plan, best = adopt_best(study, tmp_path)
+    assert plan.feature_level == 3 and best.user_attrs["val_loss"] == fake_loss(tied[1])
+    assert (tmp_path / "leaderboard.csv").read_text().startswith("trial,state,val_accuracy,val_loss,")

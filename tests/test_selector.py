@@ -13,6 +13,14 @@ from click.testing import CliRunner
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
+from autotransfer.selector import (
+    BUDGET_SAFETY,
+    FIT_COST_IN_FULL_FINETUNES,
+    MIN_SEARCH_SECONDS,
+    cheap_first,
+    default_budget,
+    warm_frozen_features,
+)
 from autotransfer.train import fit
 
 from conftest import FAST, FAST_CLI
@@ -92,3 +100,36 @@ def test_time_limit_stops_fine_tuning_and_keeps_a_model(image_folder: Path, tmp_
     assert max(seen) < 50  # stopped by the clock, not by the epoch count
     assert (tmp_path / "run" / "model.pt").is_file()
     assert 0.0 <= result.metrics["val"]["accuracy"] <= 1.0
+
+
+def test_cheap_first_runs_frozen_plans_first_and_keeps_the_rank_otherwise() -> None:
+    plans = [Plan("test_resnet", "partial", cut=2), Plan("test_resnet", "frozen"),
+             Plan("test_resnet", "full"), Plan("test_resnet", "frozen", feature_level=2)]
+    ordered = cheap_first(plans)
+    assert [(p.strategy, p.feature_level) for p in ordered] == [
+        ("frozen", None), ("frozen", 2), ("partial", None), ("full", None)]
+
+
+def test_warmed_features_are_what_every_frozen_trial_reads(image_folder: Path, tmp_path: Path) -> None:
+    scan = scan_folder(image_folder)
+    plans = [Plan(**{**FAST, "backbone": "test_resnet", "strategy": "frozen", "feature_level": level})
+             for level in (None, 1, 2)]
+    warm_frozen_features(scan, plans)
+    for plan in plans:
+        lines: list[str] = []
+        fit(scan, plan, tmp_path / str(plan.feature_level), progress=False, log=lines.append)
+        assert "features: reused from cache" in lines, (plan.feature_level, lines)
+
+
+def test_default_budget_is_three_full_finetunes_less_what_is_spent(image_folder: Path) -> None:
+    scan = scan_folder(image_folder)
+    plan = Plan(**{**FAST, "backbone": "test_resnet"})
+    budget, one_full = default_budget(scan, plan, spent=0.0)
+    assert one_full > 0
+    assert budget == pytest.approx(max(MIN_SEARCH_SECONDS, BUDGET_SAFETY * FIT_COST_IN_FULL_FINETUNES * one_full))
+    spent_all, _ = default_budget(scan, plan, spent=1e6)
+    assert spent_all == MIN_SEARCH_SECONDS  # the rules' Plans still get a few seconds
+    big = Plan(**{**FAST, "backbone": "test_resnet", "image_size": 96, "epochs": 500})
+    budget, one_full = default_budget(scan, big, spent=5.0)
+    assert budget > MIN_SEARCH_SECONDS
+    assert budget == pytest.approx(BUDGET_SAFETY * FIT_COST_IN_FULL_FINETUNES * one_full - 5.0)

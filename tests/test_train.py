@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from statistics import mean
 
@@ -17,7 +18,7 @@ from autotransfer.features import cached_features, eval_transform, image_loader,
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.features import weights_id
-from autotransfer.train import ClassifierTask, backbone_param_groups, fit, predict_records
+from autotransfer.train import ClassifierTask, backbone_param_groups, finetune_wins, fit, predict_records
 from conftest import CLASSES, FAST
 
 pytestmark = [
@@ -147,7 +148,10 @@ def test_fit_partial_saves_the_model_whose_metrics_it_reports(split_folder, tmp_
 
     stages = result.metrics["stages"]
     assert set(stages) == {"head_val_accuracy", "finetune_val_accuracy"}
-    assert result.metrics["val"]["accuracy"] == max(stages.values())  # never worse than the head
+    kept = result.metrics["kept"]
+    wins = finetune_wins(stages["finetune_val_accuracy"], stages["head_val_accuracy"], result.metrics["val"]["n"])
+    assert kept == ("finetuned" if wins else "head")
+    assert result.metrics["val"]["accuracy"] == stages[f"{'finetune' if kept == 'finetuned' else 'head'}_val_accuracy"]
     assert (tmp_path / "run" / "logs" / "finetune" / "metrics.csv").is_file()
 
     model, classes, prep = load_model(tmp_path / "run")
@@ -215,3 +219,32 @@ def test_classifier_task_keeps_and_restores_the_best_epoch():
     task.restore_best()
     with torch.no_grad():
         torch.testing.assert_close(head(x), task.best_logits)
+
+
+def test_fine_tuning_must_win_by_two_validation_images():
+    assert not finetune_wins(0.88, 0.87, 100)  # one image: noise
+    assert finetune_wins(0.89, 0.87, 100)
+    assert not finetune_wins(0.5, 0.5, 10)
+    assert finetune_wins(0.2, -1.0, 10)  # no linear probe (head accuracy -1): fine-tuning is all there is
+    assert finetune_wins(0.8012, 0.8010, 10000)
+
+
+def test_ctrl_c_during_fine_tuning_keeps_the_best_model_and_says_so(split_folder, tmp_path):
+    scan = scan_folder(split_folder)
+    plan = Plan("test_resnet", strategy="full", **{**FAST, "epochs": 3})
+
+    def report(step: int, _accuracy: float) -> None:
+        if step == 2:  # the second fine-tuning epoch has been validated: press Ctrl-C
+            raise KeyboardInterrupt
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
+            fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None, report=report)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while exiting
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["interrupted"] == "finetune"
+    model, _, prep = load_model(tmp_path / "run")
+    logits, labels = predict_records(model, scan.splits["val"], prep)
+    assert float((logits.argmax(1) == labels).float().mean()) == pytest.approx(metrics["val"]["accuracy"])
