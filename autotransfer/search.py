@@ -28,6 +28,9 @@ STUDY_NAME = "autotransfer"
 SEARCH_FILE = "search.json"
 MAX_LEVELS_BELOW_TOP = 2
 MAX_TRAINED_GROUPS = 6
+# What a sampled trial must gain over the rules' best Plan, in validation images (the
+# same evidence fine-tuning needs to replace its linear head, train.MIN_FINETUNE_GAIN_IMAGES).
+MIN_GAIN_IMAGES = 2
 
 
 def _serialise_sqlite(engine) -> None:
@@ -220,6 +223,7 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         trial.set_user_attr("macro_f1", metrics["val"]["macro_f1"])
         trial.set_user_attr("val_loss", metrics["val"].get("loss"))
+        trial.set_user_attr("val_n", metrics["val"].get("n"))
         return metrics["val"]["accuracy"]
 
     return objective
@@ -264,7 +268,11 @@ def _waiting(study: optuna.Study) -> int:
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """Highest val accuracy; ties (common on small val sets) go to the lower val loss, as
-    between epochs in training, then to higher macro-F1, then to the cheaper trial."""
+    between epochs in training, then to higher macro-F1, then to the cheaper trial.
+
+    A sampled trial displaces the best of the rules' Plans only with MIN_GAIN_IMAGES more
+    validation images right: the best of many noisy trials is flattered by its noise.
+    """
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AutotransferError("no trial finished; raise --trials or --time-budget")
@@ -274,7 +282,13 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
         return (t.value, -(loss if loss is not None else float("inf")),
                 t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0))
 
-    return max(complete, key=key)
+    best = max(complete, key=key)
+    from_rules = [t for t in complete if t.user_attrs.get("reasons")]
+    if best.number in {t.number for t in from_rules} or not from_rules or not best.user_attrs.get("val_n"):
+        return best
+    prior = max(from_rules, key=key)
+    gain = round((best.value - prior.value) * best.user_attrs["val_n"])
+    return best if gain >= MIN_GAIN_IMAGES else prior
 
 
 def write_leaderboard(study: optuna.Study, path: Path) -> None:
@@ -311,11 +325,18 @@ def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.F
     )
     runner_up = next((t for t in complete if t.number != best.number), None)
     reasons = list(best.user_attrs.get("reasons", []))
-    reasons.append(
-        f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
-        f"{best.value:.4f}"
-        + (f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})" if runner_up else "")
-    )
+    if runner_up and runner_up.value > best.value:
+        reasons.append(
+            f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
+            f"{best.value:.4f}, kept over sampled trial {runner_up.number} ({runner_up.value:.4f}): "
+            f"a lead of under {MIN_GAIN_IMAGES} validation images is noise"
+        )
+    else:
+        reasons.append(
+            f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
+            f"{best.value:.4f}"
+            + (f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})" if runner_up else "")
+        )
     plan = Plan(**{**best.user_attrs["plan"], "reasons": reasons})
     plan.save(run_dir / "plan.json")
     write_leaderboard(study, run_dir / "leaderboard.csv")

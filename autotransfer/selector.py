@@ -57,9 +57,9 @@ def select_and_fit(
     """Search (rule Plans first), then put the best trial's model and plan into RUN."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir)
-    rule_plans = cheap_first(rule_plans)
-    if config.trials is not None:
+    if config.trials is not None:  # the rules' best N, whatever they cost
         rule_plans = rule_plans[: config.trials]
+    rule_plans = cheap_first(rule_plans)
     scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
     start = time.monotonic()
     warm_frozen_features(scan, rule_plans)

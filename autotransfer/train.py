@@ -41,7 +41,7 @@ from autotransfer.strategies import Preprocessing, TransferNet, build_net
 
 # Fine-tuning replaces the linear head only when it gets at least this many more
 # validation images right: a one-image lead is noise on a small val set (the quick bench
-# lost 14 test points to one on pneumoniamnist at 50 images/class).
+# lost 9 test points to one on pneumoniamnist at 50 images/class).
 MIN_FINETUNE_GAIN_IMAGES = 2
 
 

@@ -24,6 +24,7 @@ from autotransfer.search import (
     adopt_best,
     enqueue_plans,
     fill_queue,
+    make_objective,
     open_study,
     params_from_plan,
     parse_duration,
@@ -43,6 +44,9 @@ def fake_accuracy(plan: Plan) -> float:
     return score - 0.1 * (plan.feature_level is not None)
 
 
+FAKE_VAL_N = 100
+
+
 def fake_loss(plan: Plan) -> float:
     """Lower for deeper-truncated Plans, so accuracy ties have a loss to break them."""
     return 1.0 - 0.1 * (plan.feature_level or 0)
@@ -56,7 +60,7 @@ def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
         report(step, accuracy)
     (trial_dir / "model.pt").write_bytes(b"fake")
     macro_f1 = accuracy - 0.001 * (plan.feature_level or 0)
-    metrics = {"val": {"accuracy": accuracy, "macro_f1": macro_f1, "loss": fake_loss(plan)}}
+    metrics = {"val": {"accuracy": accuracy, "macro_f1": macro_f1, "loss": fake_loss(plan), "n": FAKE_VAL_N}}
     (trial_dir / "metrics.json").write_text(json.dumps(metrics))
     time.sleep(float(os.environ.get("FAKE_TRIAL_SECONDS", "0")))
     return metrics
@@ -277,3 +281,25 @@ def test_accuracy_ties_go_to_the_lower_validation_loss(tmp_path: Path) -> None:
     plan, best = adopt_best(study, tmp_path)
     assert plan.feature_level == 3 and best.user_attrs["val_loss"] == fake_loss(tied[1])
     assert (tmp_path / "leaderboard.csv").read_text().startswith("trial,state,val_accuracy,val_loss,")
+
+
+@pytest.mark.parametrize("lead_images, sampled_wins", [(1, False), (2, True)])
+def test_a_sampled_trial_needs_two_more_val_images_to_displace_the_rules(
+    tmp_path: Path, lead_images: int, sampled_wins: bool
+) -> None:
+    cfg = config(":memory:", trials=None)
+    study = open_study(cfg)
+    rule = replace(BASE, strategy="frozen", feature_level=3, reasons=["rule"])
+    enqueue_plans(study, [rule], cfg.backbones)
+
+    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+        accuracy = 0.80 + (lead_images / FAKE_VAL_N if plan != replace(rule, reasons=[]) else 0.0)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        return {"val": {"accuracy": accuracy, "macro_f1": accuracy, "loss": 1.0, "n": FAKE_VAL_N}}
+
+    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=3)
+    assert {t.value for t in study.trials} == {0.80, 0.80 + lead_images / FAKE_VAL_N}
+    plan, best = adopt_best(study, tmp_path)
+    assert (best.user_attrs.get("reasons") is None) == sampled_wins
+    if not sampled_wins:
+        assert any("is noise" in reason for reason in plan.reasons)
