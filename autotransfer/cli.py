@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -388,10 +389,11 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: none; the default time budget of `fit`].")
 @click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
+@click.option("--uncapped", is_flag=True, help="With --quick: keep every image of train, val and test (quick epochs and resolution, full size).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")
 @click.option("--no-progress", is_flag=True, help="Accepted for symmetry with fit; bench prints one line per recipe.")
 def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed: int, keep_models: bool,
-          out: Path, no_progress: bool, **options) -> None:
+          uncapped: bool, out: Path, no_progress: bool, **options) -> None:
     """Compare autotransfer's choice with fixed recipes and a per-depth grid on DATA...
 
     For every dataset and every --per-class size: a frozen extractor, the Keras guide's
@@ -412,6 +414,8 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     sizes = parse_sizes(per_class)
     make = BenchSettings.quick_mode if quick else BenchSettings.full_mode
     settings = make(seed=seed, keep_models=keep_models, **options)
+    if uncapped:
+        settings = replace(settings, train_cap=None, val_cap=None, test_cap=None)
     command = _command_line(click.get_current_context(), ["autotransfer", "bench", *map(str, data)])
     report = run_bench(list(data), sizes, settings, out, command=command, log=click.echo)
     for line in verdict_lines(report):

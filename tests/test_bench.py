@@ -154,3 +154,16 @@ def test_bench_user_errors_are_one_line_exit_1(args, message, split_folder: Path
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_uncapped_quick_bench_keeps_every_image(split_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", str(split_folder), "--quick", "--uncapped", "--per-class", "all",
+                                       "--backbone", "test_efficientnet", "--trials", "1", *FAST_CLI,
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert (report["settings"]["train_cap"], report["settings"]["val_cap"], report["settings"]["test_cap"]) == (None, None, None)
+    assert report["settings"]["quick"] is True and "capped" not in report["settings_text"]
+    scan = scan_folder(split_folder)
+    assert report["cells"][0]["images"] == {split: len(records) for split, records in scan.splits.items()}
