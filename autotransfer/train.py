@@ -240,6 +240,7 @@ def fit(
             net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
             plan.head_epochs, plan.weight_decay, weights,
         )
+
         def head_interrupted() -> None:
             head_task.restore_best()
             save_interrupted("head", head_task.best_acc)
@@ -272,27 +273,29 @@ def fit(
         )
         left = None if max_seconds is None else max_seconds - (time.perf_counter() - start)
 
-        def finetune_interrupted() -> None:
+        def keep_better_stage() -> str:
+            """Model selection on validation: the fine-tuned weights only if they won by
+            MIN_FINETUNE_GAIN_IMAGES, else the head on the pretrained backbone."""
             if finetune_wins(ft_task.best_acc, head_acc, len(val_y)):
                 ft_task.restore_best()
-                save_interrupted("finetune", ft_task.best_acc)
-            else:
-                net.load_state_dict(head_state)
-                save_interrupted("finetune", head_acc)
+                return "finetuned"
+            net.load_state_dict(head_state)
+            return "head"
+
+        def finetune_interrupted() -> None:
+            stage = keep_better_stage()
+            save_interrupted("finetune", ft_task.best_acc if stage == "finetuned" else head_acc)
 
         trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)
         stages["finetune_val_accuracy"] = ft_task.best_acc
-        if finetune_wins(ft_task.best_acc, head_acc, len(val_y)):
-            kept = "finetuned"
-            ft_task.restore_best()
+        kept = keep_better_stage()
+        if kept == "finetuned":
             val_logits = ft_task.best_logits
             log(f"fine-tuned ({plan.strategy}): val accuracy {ft_task.best_acc:.4f}")
-        else:  # model selection on validation: never hand back worse than the start
-            kept = "head"
-            net.load_state_dict(head_state)
+        else:
             log(
                 f"fine-tuning ({plan.strategy}) reached {ft_task.best_acc:.4f}, not {MIN_FINETUNE_GAIN_IMAGES} "
                 f"validation images above the linear head's {head_acc:.4f}: keeping the head on the "
