@@ -30,7 +30,7 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
-def _quiet_frameworks() -> None:
+def quiet_frameworks() -> None:
     """Lightning's start-up chatter is not news to our users; warnings about data stay."""
     import optuna
     import pytorch_lightning  # noqa: F401  (it sets its own log level on import)
@@ -137,7 +137,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     """
     from autotransfer.data import scan_folder
 
-    _quiet_frameworks()
+    quiet_frameworks()
     progress = not no_progress
     if resume:
         from autotransfer.selector import continue_search
@@ -243,7 +243,7 @@ def worker(run: Path) -> None:
     """
     from autotransfer.selector import continue_search
 
-    _quiet_frameworks()
+    quiet_frameworks()
     continue_search(run, adopt=False, log=click.echo)
     click.echo(f"no queued trial left in {run}'s study")
 
@@ -410,7 +410,7 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     """
     from autotransfer.bench import BenchSettings, parse_sizes, run_bench, verdict_lines
 
-    _quiet_frameworks()
+    quiet_frameworks()
     sizes = parse_sizes(per_class)
     make = BenchSettings.quick_mode if quick else BenchSettings.full_mode
     settings = make(seed=seed, keep_models=keep_models, **options)

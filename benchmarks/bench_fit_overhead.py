@@ -13,12 +13,10 @@ its one-time cost reported apart. Goal (issue 5): whole fit <= 3x one full fine-
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -27,6 +25,7 @@ import timm
 import torch
 
 from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample, use_cache, warm_calibration
+from autotransfer.cli import quiet_frameworks
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
 from autotransfer.train import fit
@@ -47,10 +46,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="Alternating pairs of runs; the median ratio counts.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fit_overhead.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_frameworks()
 
     scan = subsample(scan_folder(args.data, 0.2, args.seed), args.per_class, args.seed)
     base = Plan(args.backbone, image_size=args.image_size, seed=args.seed)

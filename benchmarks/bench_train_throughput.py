@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from statistics import median
 
@@ -33,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from autotransfer.backbones import get_backbone
+from autotransfer.cli import quiet_frameworks
 from autotransfer.plan import Plan
 from autotransfer.strategies import build_net
 from autotransfer.train import ClassifierTask, _trainer, backbone_param_groups
@@ -106,9 +105,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="Alternating runs of each side.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    quiet_frameworks()
 
     spec = get_backbone(args.backbone)
     plan = Plan(args.backbone, "full", image_size=args.image_size, batch_size=args.batch_size)
