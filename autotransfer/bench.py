@@ -6,8 +6,9 @@ test untouched), every recipe of `autotransfer.recipes` and autotransfer's own c
 (profile -> rules -> search, `autotransfer.selector`) runs through the same `train.fit`
 with the same seed, splits, image size and epochs. Each recipe starts from an empty
 feature cache, so its wall time includes the features it needs. Held-out accuracy is on
-test/ where the dataset has one, else on val/ (which the selector also selects on; the
-report says so). Regret is in accuracy points below the best grid point on that split.
+test/ where the dataset has one, else on a stratified half of val/ set aside before
+anything runs (every recipe and the search select on the other half). Regret is in
+accuracy points below the best grid point on that split.
 
 Output in OUT: bench.json (everything), bench.md (tables), bench.html (tables and plots,
 self-contained), and runs/ with each recipe's RUN folder (models deleted unless kept).
@@ -176,11 +177,39 @@ def resolve_image_size(scan: DatasetScan, settings: BenchSettings) -> int | None
     return THRESHOLDS.small_image_size if side < THRESHOLDS.small_image_side else None
 
 
+def hold_out_half_of_val(scan: DatasetScan, seed: int) -> DatasetScan:
+    """Without a test split, a stratified half of val becomes it, before anything runs.
+
+    Every recipe and the search select on val (epochs, head vs fine-tuned, the winning
+    trial); judging them on the same images would flatter whoever selects hardest.
+    """
+    val = scan.splits.get("val", [])
+    if scan.splits.get("test") or len(val) < 2:
+        return scan
+    by_class: dict[int, list[ImageRecord]] = defaultdict(list)
+    for record in val:
+        by_class[record.label].append(record)
+    rng = random.Random(seed)
+    held: set[str] = set()
+    for label in sorted(by_class):  # each class halved (rounded down: a lone image stays in val)
+        members = sorted(by_class[label], key=lambda r: r.path)
+        rng.shuffle(members)
+        held.update(r.path for r in members[: len(members) // 2])
+    splits = {**scan.splits, "val": [r for r in val if r.path not in held], "test": [r for r in val if r.path in held]}
+    return DatasetScan(scan.root, scan.classes, splits, scan.skipped, scan.layout)
+
+
+def has_test_folder(scan: DatasetScan) -> bool:
+    return scan.layout == "splits" and (Path(scan.root) / "test").is_dir()
+
+
 def scan_datasets(paths: list[Path], settings: BenchSettings) -> list[DatasetScan]:
-    """Scan every dataset first, so a bad path fails before any training; apply the caps."""
+    """Scan every dataset first, so a bad path fails before any training; hold out half of
+    val where there is no test split; apply the caps."""
     scans = []
     for path in paths:
         scan = scan_folder(path, 0.2, settings.seed)  # class folders: val is drawn here, first
+        scan = hold_out_half_of_val(scan, settings.seed)
         scan = cap_split(scan, "val", settings.val_cap, settings.seed)
         scan = cap_split(scan, "test", settings.test_cap, settings.seed)
         scans.append(scan)
@@ -236,6 +265,7 @@ def _scores(metrics: dict, split: str) -> dict:
     held = metrics.get(split) or {}
     return {
         "val_accuracy": metrics["val"]["accuracy"],
+        "val_balanced_accuracy": metrics["val"].get("balanced_accuracy"),
         "heldout_accuracy": held.get("accuracy"),
         "heldout_macro_f1": held.get("macro_f1"),
     }
@@ -369,16 +399,23 @@ def bench_cell(
     cell = {
         "dataset": name, "path": scan.root, "per_class": per_class, "size": size_label,
         "images": counts, "classes": len(scan.classes), "heldout": split,
+        "heldout_from_val": split == "test" and not has_test_folder(scan),
         "image_size": base.image_size, "rows": rows,
     }
     return score_cell(cell)
+
+
+def _val_score(row: dict) -> float:
+    """What autotransfer selects on (val balanced accuracy); plain accuracy in older results."""
+    score = row.get("val_balanced_accuracy")
+    return row["val_accuracy"] if score is None else score
 
 
 def score_cell(cell: dict) -> dict:
     """Grid best on the held-out split, each row's regret in points, the issue-4 verdict."""
     grid = [r for r in cell["rows"] if GRID in r["kinds"] and r.get("heldout_accuracy") is not None]
     best = max(grid, key=lambda r: r["heldout_accuracy"], default=None)
-    val_best = max(grid, key=lambda r: r["val_accuracy"], default=None)
+    val_best = max(grid, key=_val_score, default=None)
     for row in cell["rows"]:
         acc = row.get("heldout_accuracy")
         row["regret"] = None if best is None or acc is None else round(100 * (best["heldout_accuracy"] - acc), 2)
@@ -386,6 +423,7 @@ def score_cell(cell: dict) -> dict:
     cell["grid_best"] = None if best is None else {"recipe": best["recipe"], "accuracy": best["heldout_accuracy"]}
     cell["grid_best_on_val"] = None if val_best is None else {
         "recipe": val_best["recipe"], "val_accuracy": val_best["val_accuracy"],
+        "val_balanced_accuracy": val_best.get("val_balanced_accuracy"),
         "heldout_accuracy": val_best["heldout_accuracy"],
         "regret": round(100 * (best["heldout_accuracy"] - val_best["heldout_accuracy"]), 2),
     }
@@ -470,7 +508,9 @@ def _size_label(cell: dict) -> str:
 
 def _split_label(cell: dict) -> str:
     n = cell["images"][cell["heldout"]]
-    return f"test ({n})" if cell["heldout"] == "test" else f"val* ({n})"
+    if cell["heldout"] != "test":
+        return f"val* ({n})"
+    return f"half of val ({n})" if cell.get("heldout_from_val") else f"test ({n})"
 
 
 def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -510,25 +550,26 @@ def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for c in cells:
         counts = ", ".join(f"{k} {v}" for k, v in c["images"].items())
         title = f"{c['dataset']}, {c['size']} ({counts}; {c['image_size'] or 'backbone'} px; held-out {_split_label(c)})"
-        header = ["recipe", "kind", "what", "val acc", "held-out acc", "macro-F1", "s", "regret (pts)"]
+        header = ["recipe", "kind", "what", "val acc", "val bal. acc", "held-out acc", "macro-F1", "s", "regret (pts)"]
         rows = []
         for r in c["rows"]:
             what = r.get("choice", r["title"]) if "autotransfer" == r["recipe"] else r["title"]
             if r.get("error"):
-                rows.append([r["recipe"], "+".join(r["kinds"]), what, "-", r["error"][:80], "-", "-", "-"])
+                rows.append([r["recipe"], "+".join(r["kinds"]), what, "-", "-", r["error"][:80], "-", "-", "-"])
                 continue
             stages = r.get("stages", {})
             if r.get("kept") == "head":
-                what += (f" [fine-tuning reached {stages['finetune_val_accuracy']:.3f} on val, not 2 images "
-                         f"above the head's {stages['head_val_accuracy']:.3f}: head kept]")
+                key = "val_balanced_accuracy" if "head_val_balanced_accuracy" in stages else "val_accuracy"
+                what += (f" [fine-tuning reached {stages['finetune_' + key]:.3f} on val ({key.replace('_', ' ')}), "
+                         f"not 2 images above the head's {stages['head_' + key]:.3f}: head kept]")
             rows.append([
-                r["recipe"], "+".join(r["kinds"]), what, f"{r['val_accuracy']:.3f}", f"{r['heldout_accuracy']:.3f}",
+                r["recipe"], "+".join(r["kinds"]), what, f"{r['val_accuracy']:.3f}", f"{_val_score(r):.3f}", f"{r['heldout_accuracy']:.3f}",
                 f"{r['heldout_macro_f1']:.3f}", f"{r['seconds']:.0f}", f"{r['regret']:+.1f}",
             ])
         vb = c["grid_best_on_val"]
         if vb:
-            rows.append(["(grid best on val)", "", f"{vb['recipe']}: what picking the grid on val would give", f"{vb['val_accuracy']:.3f}",
-                         f"{vb['heldout_accuracy']:.3f}", "", "", f"{vb['regret']:+.1f}"])
+            rows.append(["(grid best on val)", "", f"{vb['recipe']}: what picking the grid on val (balanced accuracy) would give",
+                         f"{vb['val_accuracy']:.3f}", f"{_val_score(vb):.3f}", f"{vb['heldout_accuracy']:.3f}", "", "", f"{vb['regret']:+.1f}"])
         tables.append((title, header, rows))
     return tables
 
@@ -557,9 +598,9 @@ def _preamble(report: dict) -> list[str]:
         f"Started {report['started']}, took {report.get('seconds', 0) / 60:.1f} min"
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
-        "Held-out accuracy is on test/ where the dataset has one; `val*` marks datasets without "
-        "test/, where it is on val/, which autotransfer's search also selects on (optimistic for "
-        "autotransfer; the grid's best is an oracle pick on the same split).",
+        "Held-out accuracy is on test/ where the dataset has one, else on `half of val`: a stratified "
+        "half of val/ set aside before anything runs, so no recipe and no search selects on the images "
+        "that judge it (`val*`, in older results: judged on the val/ the search selected on).",
         "Regret = grid best - recipe, in accuracy points (negative: better than every grid point). "
         "The grid: frozen at each depth, and LP-FT from each cut. Same seed, splits, image size and epochs everywhere.",
     ]

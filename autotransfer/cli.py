@@ -125,12 +125,13 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     Without --strategy or --plan, autotransfer decides: it profiles DATA (size, quality,
     distance to ImageNet per depth), ranks Plans by explicit rules, tries them first in
     an Optuna search (then sampled ones, pruning weak fine-tuning), and keeps the winner
-    on validation. The decision and its reasons are printed and stored.
+    on validation balanced accuracy (mean per-class accuracy: it does not reward
+    guessing the majority class). The decision and its reasons are printed and stored.
 
     \b
     RUN/model.pt         the model (loads with timm alone, see README)
     RUN/plan.json        what won, with its reasons; `fit DATA --plan RUN/plan.json` reruns it
-    RUN/metrics.json     accuracy, macro-F1, per-class accuracy, confusion matrix
+    RUN/metrics.json     accuracy, balanced accuracy, macro-F1, per-class accuracy, confusion matrix
     RUN/profile.json     the profile (search only)
     RUN/leaderboard.csv  every trial (search only); RUN/study.db the Optuna study
     RUN/logs/            Lightning CSV logs per stage
@@ -196,7 +197,8 @@ def _scan(data: Path, plan: Plan):
 def _echo_result(metrics: dict, seconds: float, out: Path) -> None:
     val = metrics["val"]
     click.echo(
-        f"done in {seconds:.0f}s: val accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}"
+        f"done in {seconds:.0f}s: val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, "
+        f"macro-F1 {val['macro_f1']:.4f}"
         + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
     )
     click.echo(f"run saved in {out}/ (model.pt, plan.json, metrics.json)")
@@ -300,7 +302,8 @@ def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{report['split']} split: {report['n']} images")
-    click.echo(f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+    click.echo(f"accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
+               f"macro-F1 {report['macro_f1']:.4f}")
     for name, acc in report["per_class_accuracy"].items():
         click.echo(f"  {name:<20} {'-' if acc is None else f'{acc:.4f}'}")
     classes = list(report["per_class_accuracy"])
@@ -399,8 +402,9 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     For every dataset and every --per-class size: a frozen extractor, the Keras guide's
     two stages, fastai's fine_tune, plain fine-tuning without a linear probe, the grid
     (frozen at each feature level and the top; LP-FT from each cut and full), and
-    autotransfer (profile -> rules -> search). Reports held-out accuracy (test/, else val/),
-    macro-F1, wall time and regret against the grid's best.
+    autotransfer (profile -> rules -> search). Reports held-out accuracy (on test/, else on
+    a stratified half of val/ that nothing selects on), macro-F1, wall time and regret
+    against the grid's best.
 
     \b
     OUT/bench.md    the tables

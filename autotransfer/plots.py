@@ -115,7 +115,7 @@ def search_history(
     numbers: Sequence[int], values: Sequence[float | None], states: Sequence[str],
     from_rules: Sequence[bool | None], best: int | None,
 ) -> bytes:
-    """Val accuracy per trial: rule-queued squares, sampled circles, pruned hollow, best so far."""
+    """Val balanced accuracy (the objective) per trial: rule-queued squares, sampled circles, pruned hollow, best so far."""
     fig = Figure(figsize=(8, 4.4))
     ax = fig.add_subplot()
     kinds = [("queued by the rules", True, "s", "#1f77b4"), ("sampled (TPE)", False, "o", "#ff7f0e"),
@@ -143,7 +143,7 @@ def search_history(
     waiting = sum(s == "WAITING" for s in states)
     ax.set_xlabel("trial" + (" (red bands: failed or unfinished)" if failed else "")
                   + (f"; {waiting} queued, never started" if waiting else ""))
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel("val balanced accuracy")
     ax.set_title("search history")
     if numbers:
         ax.set_xticks(sorted(numbers) if len(numbers) <= 30 else ax.get_xticks())

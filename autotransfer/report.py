@@ -62,7 +62,8 @@ class CurvePoint:
 class TrialRow:
     number: int
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING, ... ("UNFINISHED": no metrics.json yet)
-    val_accuracy: float | None  # for PRUNED: the last value it reported
+    val_accuracy: float | None
+    val_balanced_accuracy: float | None  # the search's objective; for PRUNED: the last value it reported
     macro_f1: float | None
     seconds: float | None
     backbone: str | None
@@ -164,6 +165,7 @@ def _trials_from_leaderboard(path: Path) -> list[TrialRow]:
         for r in csv.DictReader(handle):
             rows.append(TrialRow(
                 number=int(r["trial"]), state=r["state"], val_accuracy=_number(r["val_accuracy"]),
+                val_balanced_accuracy=_number(r.get("val_balanced_accuracy", r["val_accuracy"])),
                 macro_f1=_number(r["macro_f1"]), seconds=_number(r["seconds"]),
                 backbone=r.get("backbone") or None, strategy=r.get("strategy") or None,
                 cut=_number(r.get("cut"), int), feature_level=_number(r.get("feature_level"), int),
@@ -181,7 +183,8 @@ def _trials_from_folders(trials_dir: Path) -> list[TrialRow]:
         val = (metrics or {}).get("val", {})
         rows.append(TrialRow(
             number=int(folder.name), state="COMPLETE" if metrics else "UNFINISHED",
-            val_accuracy=val.get("accuracy"), macro_f1=val.get("macro_f1"),
+            val_accuracy=val.get("accuracy"), val_balanced_accuracy=val.get("balanced_accuracy", val.get("accuracy")),
+            macro_f1=val.get("macro_f1"),
             seconds=(metrics or {}).get("seconds"), backbone=plan.get("backbone"),
             strategy=plan.get("strategy"), cut=plan.get("cut"), feature_level=plan.get("feature_level"),
             from_rules=None,
@@ -191,7 +194,7 @@ def _trials_from_folders(trials_dir: Path) -> list[TrialRow]:
 
 def read_trials(run: Path) -> list[TrialRow]:
     """Every trial in number order, with each one's head and fine-tuning stages and the
-    best completed accuracy so far."""
+    best completed objective (val balanced accuracy) so far."""
     if (run / "leaderboard.csv").is_file():
         rows = _trials_from_leaderboard(run / "leaderboard.csv")
     elif (run / "trials").is_dir():
@@ -204,8 +207,8 @@ def read_trials(run: Path) -> list[TrialRow]:
         stages = (_read_json(run / "trials" / f"{row.number:04d}" / "metrics.json") or {}).get("stages", {})
         row.head_val_accuracy = stages.get("head_val_accuracy")
         row.finetune_val_accuracy = stages.get("finetune_val_accuracy")
-        if row.state == "COMPLETE" and row.val_accuracy is not None:
-            best = row.val_accuracy if best is None else max(best, row.val_accuracy)
+        if row.state == "COMPLETE" and row.val_balanced_accuracy is not None:
+            best = row.val_balanced_accuracy if best is None else max(best, row.val_balanced_accuracy)
         row.best_so_far = best
     return rows
 
@@ -622,8 +625,8 @@ def figures(report: Report) -> list[Chart]:
     if png:
         out.append(Chart("transfer-curve", "Accuracy against the cut depth on this dataset.", png))
     if report.trials:
-        out.append(Chart("search-history", "Validation accuracy of every trial, in the order they ran.",
-                          plots.search_history([t.number for t in report.trials], [t.val_accuracy for t in report.trials],
+        out.append(Chart("search-history", "Validation balanced accuracy (the search's objective) of every trial, in the order they ran.",
+                          plots.search_history([t.number for t in report.trials], [t.val_balanced_accuracy for t in report.trials],
                                                [t.state for t in report.trials], [t.from_rules for t in report.trials],
                                                report.winner if any(t.number == report.winner and t.state == "COMPLETE" for t in report.trials) else None)))
     if report.metrics:
@@ -794,9 +797,9 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
     blocks = []
     if r.trials:
         blocks.append(("figure", "search-history"))
-        blocks.append(("table", ["trial", "state", "val acc", "best so far", "head", "fine-tuned", "strategy", "cut",
-                                 "level", "origin", "seconds"], [
-            [t.number, t.state, _fmt(t.val_accuracy), _fmt(t.best_so_far), _fmt(t.head_val_accuracy),
+        blocks.append(("table", ["trial", "state", "val balanced acc", "val acc", "best so far", "head", "fine-tuned",
+                                 "strategy", "cut", "level", "origin", "seconds"], [
+            [t.number, t.state, _fmt(t.val_balanced_accuracy), _fmt(t.val_accuracy), _fmt(t.best_so_far), _fmt(t.head_val_accuracy),
              _fmt(t.finetune_val_accuracy), t.strategy or "-", _fmt(t.cut),
              "-" if t.strategy is None else "top" if t.feature_level is None else t.feature_level,
              "-" if t.state == "WAITING" else {True: "rules", False: "sampled", None: "-"}[t.from_rules],

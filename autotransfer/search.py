@@ -1,5 +1,7 @@
 """Optuna search over Plans: the rule engine's Plans are enqueued first, then a sampler
 refines strategy, depth, backbone and hyperparameters; unpromising fine-tuning is pruned.
+The objective is validation balanced accuracy (`metrics.balanced_accuracy`): accuracy
+that does not depend on the class mix of the val split.
 
 Only this module imports Optuna. The study lives in a storage (SQLite inside RUN by
 default, or any Optuna RDB URL such as postgresql://...), so a killed process loses no
@@ -28,9 +30,14 @@ STUDY_NAME = "autotransfer"
 SEARCH_FILE = "search.json"
 MAX_LEVELS_BELOW_TOP = 2
 MAX_TRAINED_GROUPS = 6
-# What a sampled trial must gain over the rules' best Plan, in validation images (the
-# same evidence fine-tuning needs to replace its linear head, train.MIN_FINETUNE_GAIN_IMAGES).
+# What a sampled trial must gain over the rules' best Plan, in validation images' worth of
+# balanced accuracy (x 1/n_val; the same evidence fine-tuning needs to replace its linear
+# head, train.MIN_FINETUNE_GAIN_IMAGES).
 MIN_GAIN_IMAGES = 2
+# A trial is pruned at a step only against the median of at least this many finished
+# trials' reports there: against one, the quick bench pruned a full fine-tune after its
+# first epoch of 2 behind a partial one, and it would have won (cifar10, 50/class).
+PRUNE_MIN_TRIALS = 3
 
 
 def _serialise_sqlite(engine) -> None:
@@ -119,7 +126,7 @@ def open_study(config: SearchConfig) -> optuna.Study:
         storage=storage,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=4),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1, n_min_trials=PRUNE_MIN_TRIALS),
         load_if_exists=True,
     )
     if storage is not None:
@@ -204,7 +211,7 @@ class SurplusTrial(Exception):
 
 
 def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) -> Callable:
-    """Objective: validation accuracy of the trial's Plan; reports feed the pruner."""
+    """Objective: validation balanced accuracy of the trial's Plan; reports feed the pruner."""
 
     def objective(trial: optuna.Trial) -> float:
         if config.trials is not None and not trial.user_attrs.get("queued"):
@@ -213,18 +220,19 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         plan = plan_from_params(params, config.base)
         trial.set_user_attr("plan", asdict(plan))
 
-        def report(step: int, accuracy: float) -> None:
-            trial.report(accuracy, step)
+        def report(step: int, score: float) -> None:
+            trial.report(score, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val accuracy {accuracy:.4f} at step {step}")
+                raise optuna.TrialPruned(f"val balanced accuracy {score:.4f} at step {step}")
 
         start = time.perf_counter()
         metrics = run_trial(plan, run_dir / "trials" / f"{trial.number:04d}", report)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+        trial.set_user_attr("val_accuracy", metrics["val"]["accuracy"])
         trial.set_user_attr("macro_f1", metrics["val"]["macro_f1"])
         trial.set_user_attr("val_loss", metrics["val"].get("loss"))
         trial.set_user_attr("val_n", metrics["val"].get("n"))
-        return metrics["val"]["accuracy"]
+        return metrics["val"]["balanced_accuracy"]
 
     return objective
 
@@ -267,8 +275,8 @@ def _waiting(study: optuna.Study) -> int:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """Highest val accuracy; ties (common on small val sets) go to the lower val loss, as
-    between epochs in training, then to higher macro-F1, then to the cheaper trial.
+    """Highest val balanced accuracy; ties (common on small val sets) go to the lower val
+    loss, as between epochs in training, then to higher macro-F1, then to the cheaper trial.
 
     A sampled trial displaces the best of the rules' Plans only with MIN_GAIN_IMAGES more
     validation images right: the best of many noisy trials is flattered by its noise.
@@ -292,24 +300,25 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 
 def write_leaderboard(study: optuna.Study, path: Path) -> None:
-    """One row per trial: state, accuracy, seconds, plan essentials, whether a rule queued it."""
-    fields = ["trial", "state", "val_accuracy", "val_loss", "macro_f1", "seconds", "backbone", "strategy",
-              "cut", "feature_level", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
+    """One row per trial: state, balanced accuracy (the objective), accuracy, seconds, plan
+    essentials, whether a rule queued it."""
+    fields = ["trial", "state", "val_balanced_accuracy", "val_accuracy", "val_loss", "macro_f1", "seconds",
+              "backbone", "strategy", "cut", "feature_level", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
               "weight_decay", "class_weighting", "from_rules"]
     rows = []
     for t in study.get_trials(deepcopy=False):
         plan = t.user_attrs.get("plan", {})
         rows.append({
-            "trial": t.number, "state": t.state.name, "val_accuracy": t.value,
-            "val_loss": t.user_attrs.get("val_loss"),
+            "trial": t.number, "state": t.state.name, "val_balanced_accuracy": t.value,
+            "val_accuracy": t.user_attrs.get("val_accuracy"), "val_loss": t.user_attrs.get("val_loss"),
             "macro_f1": t.user_attrs.get("macro_f1"), "seconds": t.user_attrs.get("seconds"),
-            **{k: plan.get(k) for k in fields[6:-1]},
+            **{k: plan.get(k) for k in fields[7:-1]},
             "from_rules": bool(t.user_attrs.get("reasons")),
         })
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0))))
+        writer.writerows(sorted(rows, key=lambda r: (r["val_balanced_accuracy"] is None, -(r["val_balanced_accuracy"] or 0))))
 
 
 def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.FrozenTrial]:
@@ -327,13 +336,13 @@ def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.F
     reasons = list(best.user_attrs.get("reasons", []))
     if runner_up and runner_up.value > best.value:
         reasons.append(
-            f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
+            f"won the search: trial {best.number} of {len(study.trials)} with val balanced accuracy "
             f"{best.value:.4f}, kept over sampled trial {runner_up.number} ({runner_up.value:.4f}): "
             f"a lead of under {MIN_GAIN_IMAGES} validation images is noise"
         )
     else:
         reasons.append(
-            f"won the search: trial {best.number} of {len(study.trials)} with val accuracy "
+            f"won the search: trial {best.number} of {len(study.trials)} with val balanced accuracy "
             f"{best.value:.4f}"
             + (f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})" if runner_up else "")
         )

@@ -44,7 +44,8 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
         log(f"trial: {describe(plan)}")
         left = None if deadline is None else deadline - time.monotonic()
         result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report, max_seconds=left)
-        log(f"  -> val accuracy {result.metrics['val']['accuracy']:.4f} in {result.seconds:.0f}s")
+        val = result.metrics["val"]
+        log(f"  -> val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, in {result.seconds:.0f}s")
         return result.metrics
 
     return run

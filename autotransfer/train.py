@@ -34,27 +34,29 @@ from autotransfer.features import (
     train_transform,
     weights_id,
 )
-from autotransfer.metrics import classification_report
+from autotransfer.metrics import balanced_accuracy, classification_report
 from autotransfer.plan import Plan
 from autotransfer.strategies import Preprocessing, TransferNet, build_net
 
 
-# Fine-tuning replaces the linear head only when it gets at least this many more
-# validation images right: a one-image lead is noise on a small val set (the quick bench
-# lost 9 test points to one on pneumoniamnist at 50 images/class).
+# Fine-tuning replaces the linear head only when its validation balanced accuracy is
+# higher by at least this many images' worth (x 1/n_val): a one-image lead is noise on a
+# small val set (the quick bench lost 9 test points to one on pneumoniamnist at 50/class).
 MIN_FINETUNE_GAIN_IMAGES = 2
 
 
-def finetune_wins(finetune_accuracy: float, head_accuracy: float, n_val: int) -> bool:
-    """Does fine-tuning beat the linear head by MIN_FINETUNE_GAIN_IMAGES validation images?"""
-    return round((finetune_accuracy - head_accuracy) * n_val) >= MIN_FINETUNE_GAIN_IMAGES
+def finetune_wins(finetune_score: float, head_score: float, n_val: int) -> bool:
+    """Does fine-tuning beat the linear head by MIN_FINETUNE_GAIN_IMAGES validation images?
+    Scores are validation balanced accuracies (`metrics.balanced_accuracy`)."""
+    return round((finetune_score - head_score) * n_val) >= MIN_FINETUNE_GAIN_IMAGES
 
 
 class ClassifierTask(pl.LightningModule):
     """Cross-entropy training of `module` (inputs -> logits); keeps the best epoch in memory.
 
     `param_groups` carries the per-group learning rates (head vs backbone). The best
-    weights by validation accuracy are restored by `restore_best()`.
+    weights by validation balanced accuracy (ties: lower loss) are restored by
+    `restore_best()`; `best_acc` is that epoch's plain accuracy.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class ClassifierTask(pl.LightningModule):
         self.epochs = epochs
         self.weight_decay = weight_decay
         self.loss = nn.CrossEntropyLoss(weight=class_weights)
+        self.best_score = -1.0  # validation balanced accuracy of the best epoch
         self.best_acc = -1.0
         self.best_loss = float("inf")
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -75,7 +78,7 @@ class ClassifierTask(pl.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self.train_losses: list[float] = []
-        self.report = report  # report(epoch, val accuracy) after each epoch; may raise
+        self.report = report  # report(epoch, val balanced accuracy) after each epoch; may raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -98,15 +101,17 @@ class ClassifierTask(pl.LightningModule):
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
         acc = float((logits.argmax(1) == targets).float().mean())
+        score = balanced_accuracy(logits, targets)
         loss = float(nn.functional.cross_entropy(logits, targets))
         self.log("val_acc", acc, prog_bar=True)
+        self.log("val_balanced_acc", score)
         if self.trainer.sanity_checking:
             return
-        # ties on accuracy (common on small val sets) go to the lower loss: a better head
         if self.report is not None:
-            self.report(self.current_epoch, acc)
-        if acc > self.best_acc or (acc == self.best_acc and loss < self.best_loss):
-            self.best_acc, self.best_loss = acc, loss
+            self.report(self.current_epoch, score)
+        # ties (common on small val sets) go to the lower loss: a better calibrated head
+        if score > self.best_score or (score == self.best_score and loss < self.best_loss):
+            self.best_score, self.best_acc, self.best_loss = score, acc, loss
             self.best_logits = logits
             self.best_state = copy.deepcopy(self.module.state_dict())
 
@@ -192,7 +197,7 @@ def fit(
 ) -> FitResult:
     """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics.
 
-    `report(step, val_accuracy)` gets the head's best accuracy as step 0, then every
+    `report(step, val_balanced_accuracy)` gets the head's best as step 0, then every
     fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
     Fine-tuning stops after `max_seconds` of the whole run (a search's time budget),
     keeping the best epoch so far.
@@ -213,16 +218,18 @@ def fit(
     def save() -> None:
         save_model(out / MODEL_FILE, net.model, spec.architecture, plan.feature_level, classes, prep)
 
-    def save_interrupted(stage: str, accuracy: float) -> None:
+    def save_interrupted(stage: str, task: ClassifierTask | None) -> None:
         """Ctrl-C: keep the best weights so far and say what they are, so nothing is lost."""
         save()
+        found = task is not None and task.best_score >= 0
         (out / "metrics.json").write_text(json.dumps({
-            "interrupted": stage, "val": {"accuracy": accuracy if accuracy >= 0 else None},
+            "interrupted": stage,
+            "val": {"accuracy": task.best_acc if found else None, "balanced_accuracy": task.best_score if found else None},
             "seconds": round(time.perf_counter() - start, 2), "versions": _versions(),
         }, indent=2) + "\n")
 
     wid = weights_id(spec, plan.weights, plan.seed)
-    stages: dict[str, float] = {}  # val accuracy after each stage
+    stages: dict[str, float] = {}  # val accuracy and balanced accuracy after each stage
     kept: str | None = None  # after fine-tuning: which stage's weights were kept, "head" or "finetuned"
     if plan.lp_init:
         features = {
@@ -243,7 +250,7 @@ def fit(
 
         def head_interrupted() -> None:
             head_task.restore_best()
-            save_interrupted("head", head_task.best_acc)
+            save_interrupted("head", head_task)
 
         trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(head_interrupted)], progress)
         with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
@@ -254,13 +261,14 @@ def fit(
             )
         head_task.restore_best()
         val_logits = head_task.best_logits
-        head_acc = head_task.best_acc
-        log(f"linear head on features: val accuracy {head_acc:.4f}")
+        head_score = head_task.best_score
+        log(f"linear head on features: val accuracy {head_task.best_acc:.4f}, balanced {head_score:.4f}")
         if report:
-            report(0, head_acc)
-        stages["head_val_accuracy"] = head_acc
+            report(0, head_score)
+        stages["head_val_accuracy"] = head_task.best_acc
+        stages["head_val_balanced_accuracy"] = head_score
     else:  # plain fine-tuning from a random head: no features, nothing to fall back to
-        reused, head_acc = False, -1.0
+        reused, head_task, head_score = False, None, -1.0
         train_y, val_y = (torch.tensor([r.label for r in scan.splits[s]], dtype=torch.long) for s in ("train", "val"))
         weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
         log("no linear probe first (lp_init false): fine-tuning starts from a random head")
@@ -276,7 +284,7 @@ def fit(
         def keep_better_stage() -> str:
             """Model selection on validation: the fine-tuned weights only if they won by
             MIN_FINETUNE_GAIN_IMAGES, else the head on the pretrained backbone."""
-            if finetune_wins(ft_task.best_acc, head_acc, len(val_y)):
+            if finetune_wins(ft_task.best_score, head_score, len(val_y)):
                 ft_task.restore_best()
                 return "finetuned"
             net.load_state_dict(head_state)
@@ -284,22 +292,23 @@ def fit(
 
         def finetune_interrupted() -> None:
             stage = keep_better_stage()
-            save_interrupted("finetune", ft_task.best_acc if stage == "finetuned" else head_acc)
+            save_interrupted("finetune", ft_task if stage == "finetuned" else head_task)
 
         trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)
         stages["finetune_val_accuracy"] = ft_task.best_acc
+        stages["finetune_val_balanced_accuracy"] = ft_task.best_score
         kept = keep_better_stage()
         if kept == "finetuned":
             val_logits = ft_task.best_logits
-            log(f"fine-tuned ({plan.strategy}): val accuracy {ft_task.best_acc:.4f}")
+            log(f"fine-tuned ({plan.strategy}): val accuracy {ft_task.best_acc:.4f}, balanced {ft_task.best_score:.4f}")
         else:
             log(
-                f"fine-tuning ({plan.strategy}) reached {ft_task.best_acc:.4f}, not {MIN_FINETUNE_GAIN_IMAGES} "
-                f"validation images above the linear head's {head_acc:.4f}: keeping the head on the "
-                "pretrained backbone"
+                f"fine-tuning ({plan.strategy}) reached val balanced accuracy {ft_task.best_score:.4f}, not "
+                f"{MIN_FINETUNE_GAIN_IMAGES} validation images above the linear head's {head_score:.4f}: "
+                "keeping the head on the pretrained backbone"
             )
     net.eval()
     save()

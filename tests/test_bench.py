@@ -4,13 +4,14 @@ regrets from a tiny bench, one-line user errors, and the lp_init flag it needs."
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from autotransfer.bench import cap_split, parse_sizes, scan_datasets, subsample, BenchSettings
+from autotransfer.bench import cap_split, has_test_folder, parse_sizes, scan_datasets, subsample, BenchSettings
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.errors import DataError, PlanError
@@ -43,10 +44,30 @@ def test_subsample_is_seeded_stratified_and_touches_only_train(split_folder: Pat
 
 def test_class_folders_draw_val_first_then_subsample_train(image_folder: Path) -> None:
     (scan,) = scan_datasets([image_folder], BenchSettings(seed=0))
-    assert paths(scan.splits["val"]) == paths(scan_folder(image_folder, 0.2, 0).splits["val"])
+    drawn = paths(scan_folder(image_folder, 0.2, 0).splits["val"])
+    assert sorted(paths(scan.splits["val"]) + paths(scan.splits["test"])) == sorted(drawn)
     small = subsample(scan, 2, seed=0)
     assert small.splits["val"] is scan.splits["val"]
     assert not set(paths(small.splits["train"])) & set(paths(scan.splits["val"]))
+
+
+def test_without_a_test_split_half_of_val_is_held_out_stratified(split_folder: Path, tmp_path: Path) -> None:
+    """What judges a recipe is never what it (or the search) selected on."""
+    root = tmp_path / "no-test"
+    for split in ("train", "val"):
+        shutil.copytree(split_folder / split, root / split)
+    (scan,) = scan_datasets([root], BenchSettings(seed=0))
+    original = scan_folder(root)
+    val, test = scan.splits["val"], scan.splits["test"]
+    assert not set(paths(val)) & set(paths(test))
+    assert sorted(paths(val) + paths(test)) == sorted(paths(original.splits["val"]))
+    assert Counter(r.label for r in test) == Counter(r.label for r in val) == {0: 1, 1: 1, 2: 1}
+    assert paths(scan.splits["train"]) == paths(original.splits["train"])
+    assert not has_test_folder(scan)
+
+    (with_test,) = scan_datasets([split_folder], BenchSettings(seed=0))
+    assert has_test_folder(with_test)
+    assert paths(with_test.splits["val"]) == paths(scan_folder(split_folder).splits["val"])
 
 
 def test_caps_keep_class_proportions_and_other_splits(split_folder: Path) -> None:
@@ -111,6 +132,7 @@ def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]
     report = json.loads((out / "bench.json").read_text())
     (cell,) = report["cells"]
     assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
+    assert cell["heldout_from_val"] is False  # the folder has its own test/
     names = [r["recipe"] for r in cell["rows"]]
     # quick grid on 6 groups: frozen at every level and the top; fine-tuned from the middle and full
     assert names == ["frozen-top", "keras-two-stage", "fastai-fine-tune", "plain-full-ft",

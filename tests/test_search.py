@@ -60,7 +60,8 @@ def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
         report(step, accuracy)
     (trial_dir / "model.pt").write_bytes(b"fake")
     macro_f1 = accuracy - 0.001 * (plan.feature_level or 0)
-    metrics = {"val": {"accuracy": accuracy, "macro_f1": macro_f1, "loss": fake_loss(plan), "n": FAKE_VAL_N}}
+    metrics = {"val": {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": macro_f1,
+                       "loss": fake_loss(plan), "n": FAKE_VAL_N}}
     (trial_dir / "metrics.json").write_text(json.dumps(metrics))
     time.sleep(float(os.environ.get("FAKE_TRIAL_SECONDS", "0")))
     return metrics
@@ -120,7 +121,7 @@ def test_rule_plans_run_first_and_best_is_adopted(tmp_path: Path) -> None:
     assert (tmp_path / "model.pt").read_bytes() == b"fake"
     assert any("won the search" in reason for reason in plan.reasons)
     leaderboard = (tmp_path / "leaderboard.csv").read_text().splitlines()
-    assert leaderboard[0].startswith("trial,state,val_accuracy")
+    assert leaderboard[0].startswith("trial,state,val_balanced_accuracy,val_accuracy")
     assert len(leaderboard) == 7
 
 
@@ -139,6 +140,25 @@ def test_pruner_stops_a_hopeless_trial(tmp_path: Path) -> None:
     states = [t.state for t in study.get_trials()]
     assert states[:4] == [optuna.trial.TrialState.COMPLETE] * 4
     assert states[4] == optuna.trial.TrialState.PRUNED
+
+
+def test_pruner_needs_three_finished_trials_at_a_step(tmp_path: Path) -> None:
+    """Behind the median of one or two trials is little evidence: with two finished
+    fine-tuning trials (fake landscape: 0.85) a worse full one (0.70) runs on; with three
+    it is pruned at its first epoch."""
+    partial = {"strategy": "partial", "levels_below_top": 0, "trained_groups": 3, "lr": 1e-3,
+               "weight_decay": 1e-4, "class_weighting": False, "backbone_lr_ratio": 0.1,
+               "epochs": 2, "bn_mode": "frozen"}
+    for finished, pruned in ((2, False), (3, True)):
+        cfg = config(":memory:", trials=None)
+        study = open_study(cfg)
+        for _ in range(finished):
+            study.enqueue_trial(partial)
+        study.enqueue_trial({"strategy": "full", "levels_below_top": 0, "lr": 1e-3, "weight_decay": 1e-4,
+                             "class_weighting": False, "backbone_lr_ratio": 0.1, "epochs": 2, "bn_mode": "frozen"})
+        study.optimize(lambda t: _objective_via_run_search(t, cfg, tmp_path), n_trials=finished + 1)
+        last = study.get_trials()[-1]
+        assert (last.state == optuna.trial.TrialState.PRUNED) is pruned, (finished, last.state)
 
 
 def _objective_via_run_search(trial, cfg, tmp_path):
@@ -280,7 +300,7 @@ def test_accuracy_ties_go_to_the_lower_validation_loss(tmp_path: Path) -> None:
     run_search(study, cfg, tmp_path, fake_trial)
     plan, best = adopt_best(study, tmp_path)
     assert plan.feature_level == 3 and best.user_attrs["val_loss"] == fake_loss(tied[1])
-    assert (tmp_path / "leaderboard.csv").read_text().startswith("trial,state,val_accuracy,val_loss,")
+    assert (tmp_path / "leaderboard.csv").read_text().startswith("trial,state,val_balanced_accuracy,val_accuracy,val_loss,")
 
 
 @pytest.mark.parametrize("lead_images, sampled_wins", [(1, False), (2, True)])
@@ -295,7 +315,7 @@ def test_a_sampled_trial_needs_two_more_val_images_to_displace_the_rules(
     def trial(plan: Plan, trial_dir: Path, report) -> dict:
         accuracy = 0.80 + (lead_images / FAKE_VAL_N if plan != replace(rule, reasons=[]) else 0.0)
         trial_dir.mkdir(parents=True, exist_ok=True)
-        return {"val": {"accuracy": accuracy, "macro_f1": accuracy, "loss": 1.0, "n": FAKE_VAL_N}}
+        return {"val": {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy, "loss": 1.0, "n": FAKE_VAL_N}}
 
     study.optimize(make_objective(cfg, tmp_path, trial), n_trials=3)
     assert {t.value for t in study.trials} == {0.80, 0.80 + lead_images / FAKE_VAL_N}
@@ -303,3 +323,25 @@ def test_a_sampled_trial_needs_two_more_val_images_to_displace_the_rules(
     assert (best.user_attrs.get("reasons") is None) == sampled_wins
     if not sampled_wins:
         assert any("is noise" in reason for reason in plan.reasons)
+
+
+def test_the_search_selects_on_balanced_accuracy_not_accuracy(tmp_path: Path) -> None:
+    """Of two Plans, the one that guesses the majority class more has the higher accuracy;
+    the one right more often on every class wins (what survives a change of class mix)."""
+    cfg = config(":memory:", trials=2)
+    study = open_study(cfg)
+    majority, balanced = (replace(BASE, strategy="frozen", feature_level=level) for level in (2, 3))
+    scores = {2: (0.90, 0.70), 3: (0.88, 0.85)}  # feature level -> (accuracy, balanced accuracy)
+
+    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+        accuracy, score = scores[plan.feature_level]
+        report(0, score)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        return {"val": {"accuracy": accuracy, "balanced_accuracy": score, "macro_f1": score, "loss": 1.0, "n": FAKE_VAL_N}}
+
+    enqueue_plans(study, [majority, balanced], cfg.backbones)
+    run_search(study, cfg, tmp_path, trial)
+    plan, best = adopt_best(study, tmp_path)
+    assert plan.feature_level == 3 and best.value == 0.85 and best.user_attrs["val_accuracy"] == 0.88
+    rows = (tmp_path / "leaderboard.csv").read_text().splitlines()
+    assert rows[1].split(",")[2:4] == ["0.85", "0.88"]

@@ -130,7 +130,7 @@ def test_fit_frozen_writes_a_complete_run(split_folder, tmp_path):
     assert metrics["test"]["accuracy"] == 1.0
     assert metrics["val"]["n"] == 6 and metrics["test"]["n"] == 6
     assert list(metrics["val"]["per_class_accuracy"]) == CLASSES
-    assert metrics["stages"] == {"head_val_accuracy": 1.0}
+    assert metrics["stages"] == {"head_val_accuracy": 1.0, "head_val_balanced_accuracy": 1.0}
     assert set(metrics["data_hash"]) == {"train", "val", "test"}
     assert metrics["features_reused"] is False and result.features_reused is False
     assert "features: computed and cached" in lines
@@ -147,11 +147,13 @@ def test_fit_partial_saves_the_model_whose_metrics_it_reports(split_folder, tmp_
     result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None)
 
     stages = result.metrics["stages"]
-    assert set(stages) == {"head_val_accuracy", "finetune_val_accuracy"}
+    assert set(stages) == {f"{stage}_val_{score}" for stage in ("head", "finetune") for score in ("accuracy", "balanced_accuracy")}
     kept = result.metrics["kept"]
-    wins = finetune_wins(stages["finetune_val_accuracy"], stages["head_val_accuracy"], result.metrics["val"]["n"])
+    wins = finetune_wins(stages["finetune_val_balanced_accuracy"], stages["head_val_balanced_accuracy"], result.metrics["val"]["n"])
     assert kept == ("finetuned" if wins else "head")
-    assert result.metrics["val"]["accuracy"] == stages[f"{'finetune' if kept == 'finetuned' else 'head'}_val_accuracy"]
+    stage = "finetune" if kept == "finetuned" else "head"
+    for score in ("accuracy", "balanced_accuracy"):
+        assert result.metrics["val"][score] == pytest.approx(stages[f"{stage}_val_{score}"])
     assert (tmp_path / "run" / "logs" / "finetune" / "metrics.csv").is_file()
 
     model, classes, prep = load_model(tmp_path / "run")
@@ -219,6 +221,41 @@ def test_classifier_task_keeps_and_restores_the_best_epoch():
     task.restore_best()
     with torch.no_grad():
         torch.testing.assert_close(head(x), task.best_logits)
+
+
+class ScriptedPredictions(torch.nn.Module):
+    """Predicts, in validation epoch e, the classes scripted for e (x[:, 0] is the index)."""
+
+    def __init__(self, script: list[list[int]]) -> None:
+        super().__init__()
+        self.script, self.epoch = script, -1
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return torch.zeros(len(x), 2) + self.w
+        preds = torch.tensor([self.script[self.epoch][int(i)] for i in x[:, 0]])
+        return torch.nn.functional.one_hot(preds, 2).float()
+
+
+def test_classifier_task_keeps_the_epoch_with_the_best_balanced_accuracy():
+    """8 images of class 0, 2 of class 1: guessing the majority scores 0.8 accuracy but
+    0.5 balanced; the epoch right on both classes (0.7 accuracy) is the one to keep."""
+    y = torch.tensor([0] * 8 + [1] * 2)
+    majority, both, majority_again = [0] * 10, [0] * 5 + [1] * 3 + [1] * 2, [0] * 10
+    module = ScriptedPredictions([majority, both, majority_again])
+    reported = []
+    task = ClassifierTask(module, [{"params": [module.w], "lr": 0.1}], 3, 0.0,
+                          report=lambda epoch, score: reported.append((epoch, score)))
+
+    class NextEpoch(pl.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module) -> None:
+            module.epoch += 1
+
+    batches = DataLoader(TensorDataset(torch.arange(10.0).unsqueeze(1), y), batch_size=10)
+    quiet_trainer(max_epochs=3, callbacks=[NextEpoch()]).fit(task, batches, batches)
+    assert reported == [(0, 0.5), (1, pytest.approx(0.8125)), (2, 0.5)]
+    assert task.best_score == pytest.approx(0.8125) and task.best_acc == pytest.approx(0.7)
 
 
 def test_fine_tuning_must_win_by_two_validation_images():
