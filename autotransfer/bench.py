@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -427,6 +428,11 @@ def score_cell(cell: dict) -> dict:
         "heldout_accuracy": val_best["heldout_accuracy"],
         "regret": round(100 * (best["heldout_accuracy"] - val_best["heldout_accuracy"]), 2),
     }
+    n = cell["images"].get(cell["heldout"], 0)
+    # The resolution of the verdict: one standard error of the best accuracy on this many
+    # held-out images (76 images at 0.8: 4.6 points, far above the 1-point goal).
+    cell["heldout_se_points"] = None if best is None or not n else round(
+        100 * math.sqrt(best["heldout_accuracy"] * (1 - best["heldout_accuracy"]) / n), 2)
     regret = None if auto is None else auto.get("regret")
     cell["autotransfer_regret"] = regret
     cell["within_1_point"] = None if regret is None else regret <= WITHIN_POINTS
@@ -517,7 +523,7 @@ def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table; rendered as Markdown and as HTML."""
     cells = report["cells"]
     tables = []
-    header = ["dataset", "train/class (images)", "held-out", "grid best", *[SHORT[n] for n in FIXED_ORDER],
+    header = ["dataset", "train/class (images)", "held-out", "1 SE (pts)", "grid best", *[SHORT[n] for n in FIXED_ORDER],
               "autotransfer", "its choice", "within 1 pt"]
     rows = []
     for c in cells:
@@ -525,6 +531,7 @@ def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         best = c["grid_best"]
         rows.append([
             c["dataset"], _size_label(c), _split_label(c),
+            "-" if c.get("heldout_se_points") is None else f"{c['heldout_se_points']:.1f}",
             f"{best['accuracy']:.3f} {best['recipe']}" if best else "-",
             *[_acc(_row(c, n)) for n in FIXED_ORDER], _acc(auto),
             (auto or {}).get("choice", "-").replace(f"{report['settings']['backbone']}, ", ""),
@@ -577,7 +584,9 @@ def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 def verdict_lines(report: dict) -> list[str]:
     cells = [c for c in report["cells"] if c["within_1_point"] is not None]
     good = [f"{c['dataset']} {c['size']}" for c in cells if c["within_1_point"]]
-    bad = [f"{c['dataset']} {c['size']} ({c['autotransfer_regret']:+.1f})" for c in cells if not c["within_1_point"]]
+    bad = [f"{c['dataset']} {c['size']} ({c['autotransfer_regret']:+.1f}"
+           + (f"; 1 SE there {c['heldout_se_points']:.1f}" if c.get("heldout_se_points") is not None else "") + ")"
+           for c in cells if not c["within_1_point"]]
     lines = [f"autotransfer within {WITHIN_POINTS:g} point of the grid's best in {len(good)} of {len(cells)} cells."]
     if good:
         lines.append("Within: " + ", ".join(good) + ".")
@@ -602,6 +611,8 @@ def _preamble(report: dict) -> list[str]:
         "half of val/ set aside before anything runs, so no recipe and no search selects on the images "
         "that judge it (`val*`, in older results: judged on the val/ the search selected on).",
         "Regret = grid best - recipe, in accuracy points (negative: better than every grid point). "
+        "1 SE: the standard error of the grid best's held-out accuracy on that many images, the scale of noise "
+        "any verdict below it is made at. "
         "The grid: frozen at each depth, and LP-FT from each cut. Same seed, splits, image size and epochs everywhere.",
     ]
 

@@ -4,6 +4,7 @@ regrets from a tiny bench, one-line user errors, and the lp_init flag it needs."
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -143,13 +144,14 @@ def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]
         assert row["regret"] == pytest.approx(100 * (best - row["heldout_accuracy"]), abs=0.01)
         assert row["seconds"] > 0
     assert cell["within_1_point"] == (cell["autotransfer_regret"] <= 1.0)
+    assert cell["heldout_se_points"] == pytest.approx(100 * math.sqrt(best * (1 - best) / 6), abs=0.01)
     auto = cell["rows"][-1]
     assert auto["trials_run"] == 2 and auto["choice"].startswith("test_efficientnet")
     assert report["command"].startswith("autotransfer bench") and report["versions"]["torch"]
     assert report["settings"]["image_size"] == 32 and report["settings"]["quick"] is True
 
     markdown = (out / "bench.md").read_text()
-    assert "regret" in markdown and "| autotransfer |" in markdown
+    assert "regret" in markdown and "| autotransfer |" in markdown and "| 1 SE (pts) |" in markdown
     for name in names:
         assert f"| {name} |" in markdown
     html = (out / "bench.html").read_text()
