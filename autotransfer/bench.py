@@ -592,6 +592,15 @@ def verdict_lines(report: dict) -> list[str]:
         lines.append("Within: " + ", ".join(good) + ".")
     if bad:
         lines.append("Not within (regret in points): " + ", ".join(bad) + ".")
+    on_val = [c for c in cells if c.get("grid_best_on_val")]
+    if on_val:
+        lines.append(
+            f"For scale: the grid point best on val (balanced accuracy) is within {WITHIN_POINTS:g} point of the "
+            f"grid's best in {sum(c['grid_best_on_val']['regret'] <= WITHIN_POINTS for c in on_val)} of {len(on_val)} "
+            f"cells; autotransfer is within one standard error of the held-out accuracy (or 1 point) in "
+            f"{sum(c['autotransfer_regret'] <= max(WITHIN_POINTS, c.get('heldout_se_points') or 0) for c in cells)} "
+            f"of {len(cells)}."
+        )
     return lines
 
 
