@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from autotransfer.checkpoint import load_model
+from autotransfer.checkpoint import load_model, read_checkpoint
 from autotransfer.data import DatasetScan, load_rgb, scan_folder
 from autotransfer.errors import DataError
 from autotransfer.features import eval_transform, image_loader
@@ -20,7 +20,7 @@ def evaluate_folder(run: str | Path, data: str | Path, split: str = "auto") -> d
     DATA without val/ gets its val split drawn again with the run's seed and fraction,
     so `--split val` scores the very images `fit` validated on.
     """
-    model, classes, prep = load_model(run)
+    read_checkpoint(run)  # a RUN that is none fails before the data is scanned
     plan = _run_plan(run) if split == "val" else None
     fraction, seed = (plan.val_fraction, plan.seed) if plan else (None, 0)
     scan = scan_folder(data, fraction, seed)
@@ -28,22 +28,29 @@ def evaluate_folder(run: str | Path, data: str | Path, split: str = "auto") -> d
         split = next(s for s in ("test", "val", "train") if s in scan.splits)
     if split not in scan.splits:
         raise DataError(_missing_split(run, data, split, scan))
-    unknown = [c for c in scan.classes if c not in classes]
+    report = evaluate_records(run, scan.splits[split], scan.classes, str(data))
+    whole = scan.layout == "class-folders" and split == "train"
+    return {"split": "all" if whole else split, **report, "skipped": [s.__dict__ for s in scan.skipped]}
+
+
+def evaluate_records(run: str | Path, records: list, record_classes: list[str], source: str = "the data") -> dict:
+    """Metrics of the RUN's model on labelled records whose labels index `record_classes`."""
+    model, classes, prep = load_model(run)
+    unknown = [c for c in record_classes if c not in classes]
     if unknown:
         raise DataError(
-            f"{data} has classes the model does not know ({', '.join(unknown)}); "
+            f"{source} has classes the model does not know ({', '.join(unknown)}); "
             f"the model knows: {', '.join(classes)}"
         )
-    records = scan.splits[split]
-    remap = torch.tensor([classes.index(c) for c in scan.classes])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    remap = torch.tensor([classes.index(c) for c in record_classes])
     logits, labels = [], []
     with torch.inference_mode():
         for images, targets in image_loader(records, eval_transform(prep), 64):
-            logits.append(model(images))
+            logits.append(model(images.to(device)).float().cpu())
             labels.append(remap[targets])
-    report = classification_report(torch.cat(logits), torch.cat(labels), classes)
-    whole = scan.layout == "class-folders" and split == "train"
-    return {"split": "all" if whole else split, **report, "skipped": [s.__dict__ for s in scan.skipped]}
+    return classification_report(torch.cat(logits), torch.cat(labels), classes)
 
 
 def _run_plan(run: str | Path) -> Plan | None:

@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -131,7 +132,28 @@ def open_study(config: SearchConfig) -> optuna.Study:
     )
     if storage is not None:
         optuna.storages.fail_stale_trials(study)
+        fail_unstarted_trials(study, 3 * config.heartbeat_seconds)
     return study
+
+
+# Set by the objective right after it recorded the trial's first heartbeat.
+STARTED_ATTR = "started"
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_seconds: float) -> None:
+    """Fail RUNNING trials whose process died before their objective began.
+
+    Optuna marks a trial RUNNING (`ask`) before its heartbeat thread writes the first
+    heartbeat, and `fail_stale_trials` skips trials with no heartbeat at all: a kill -9 in
+    that window left a trial RUNNING for ever, so a resumed `--trials N` study ended at N-1.
+    The objective records a heartbeat and then sets STARTED_ATTR, so a RUNNING trial
+    without it, older than the grace period, has no live process behind it.
+    """
+    now = datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if STARTED_ATTR not in trial.user_attrs and started and (now - started).total_seconds() > grace_seconds:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def plan_from_params(params: dict, base: Plan) -> Plan:
@@ -214,6 +236,10 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
     """Objective: validation balanced accuracy of the trial's Plan; reports feed the pruner."""
 
     def objective(trial: optuna.Trial) -> float:
+        storage = trial.study._storage  # Optuna offers no public handle on a trial's storage
+        if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval():
+            storage.record_heartbeat(trial._trial_id)  # see fail_unstarted_trials
+        trial.set_user_attr(STARTED_ATTR, True)
         if config.trials is not None and not trial.user_attrs.get("queued"):
             raise SurplusTrial("the study already holds its planned number of trials")
         params = suggest_params(trial, config.backbones)

@@ -6,10 +6,11 @@ scan -> Profile -> [Plan...] (rules, with reasons) -> trials (search) -> best tr
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -17,6 +18,7 @@ from autotransfer.backbones import get_backbone
 from autotransfer.data import DatasetScan, scan_folder
 from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
+from autotransfer.predict import evaluate_records
 from autotransfer.profile import Profile, profile_dataset
 from autotransfer.rules import rank_plans
 from autotransfer.search import (
@@ -30,6 +32,9 @@ from autotransfer.search import (
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.train import fit
 
+if TYPE_CHECKING:
+    import optuna
+
 
 def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | None = None) -> Callable:
     """Runs one trial's Plan as a normal fit into its own folder, quietly.
@@ -42,7 +47,8 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
     def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None]) -> dict:
         log(f"trial: {describe(plan)}")
         left = None if deadline is None else deadline - time.monotonic()
-        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report, max_seconds=left)
+        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
+                     max_seconds=left, evaluate_test=False)
         val = result.metrics["val"]
         log(f"  -> val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, in {result.seconds:.0f}s")
         return result.metrics
@@ -70,7 +76,17 @@ def select_and_fit(
     if config.time_budget is not None:  # the shared feature pass is part of the search
         config = replace(config, time_budget=max(1.0, config.time_budget - (time.monotonic() - start)))
     run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
+    return _adopt_and_test(study, run_dir, scan)
+
+
+def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan) -> Plan:
+    """Adopt the best trial into RUN, then score it on test/ (trials never saw test/)."""
     plan, _ = adopt_best(study, run_dir)
+    if scan.splits.get("test"):
+        metrics_path = run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        metrics["test"] = evaluate_records(run_dir, scan.splits["test"], scan.classes)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return plan
 
 
@@ -110,7 +126,7 @@ def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None
         fill_queue(study, config.trials)  # refill the places of trials a kill failed
     scan = scan_folder(config.data, config.base.val_fraction, config.base.seed)
     run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
-    return adopt_best(study, run_dir)[0] if adopt else None
+    return _adopt_and_test(study, run_dir, scan) if adopt else None
 
 
 def profile_and_rank(
@@ -128,10 +144,10 @@ def profile_and_rank(
 # The whole fit (profile + search + adopt) may cost this many full fine-tunes (issue 4).
 FIT_COST_IN_FULL_FINETUNES = 3.0
 # The share of that the search may plan on: the last trial overruns the deadline by its
-# linear probe and test pass, and the step-time estimate is noisy on a busy machine.
+# linear probe, the winner then gets its test pass, and the step-time estimate is noisy on a busy machine.
 BUDGET_SAFETY = 0.85
 # Where a full fine-tune takes seconds (tens of images, low resolution), fixed costs per
-# trial (building the model, a Trainer, the test pass) would leave the search time for
+# trial (building the model, a Trainer, the val pass) would leave the search time for
 # two frozen trials; this floor lets the rules' Plans run. It binds only below ~5 s runs.
 MIN_SEARCH_SECONDS = 10.0
 

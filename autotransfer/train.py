@@ -193,14 +193,15 @@ def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
 def fit(
     scan: DatasetScan, plan: Plan, out: str | Path, progress: bool = True,
     log: Callable[[str], None] = print, report: Callable[[int, float], None] | None = None,
-    max_seconds: float | None = None,
+    max_seconds: float | None = None, evaluate_test: bool = True,
 ) -> FitResult:
     """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics.
 
     `report(step, val_balanced_accuracy)` gets the head's best as step 0, then every
     fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
     Fine-tuning stops after `max_seconds` of the whole run (a search's time budget),
-    keeping the best epoch so far.
+    keeping the best epoch so far. A search's trials skip test/ (`evaluate_test`): only the
+    adopted winner is scored there.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -314,7 +315,7 @@ def fit(
     save()
 
     metrics = {"val": classification_report(val_logits, val_y, classes)}
-    if "test" in scan.splits and scan.splits["test"]:
+    if evaluate_test and scan.splits.get("test"):
         if plan.strategy == "frozen":
             test_f, test_y, _ = cached_features(
                 net, scan, "test", prep, spec.architecture, wid, plan.feature_level, progress=progress

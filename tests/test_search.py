@@ -290,6 +290,43 @@ def test_resume_after_kill_loses_no_finished_trial(tmp_path: Path) -> None:
     assert len(done) == 5
 
 
+KILLED_BEFORE_HEARTBEAT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_search import config
+from autotransfer.search import fill_queue, open_study
+study = open_study(config({storage!r}, trials=3, heartbeat_seconds=1))
+fill_queue(study, 3)
+study.ask()  # what Optuna does before starting a trial's heartbeat thread
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_resume_fails_a_trial_killed_before_its_first_heartbeat(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    script = KILLED_BEFORE_HEARTBEAT.format(tests=str(Path(__file__).parent), storage=storage)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    killed = optuna.load_study(study_name="autotransfer", storage=storage)
+    assert len(killed.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 1
+
+    time.sleep(3.5)  # past the grace period
+    cfg = config(storage, trials=3, heartbeat_seconds=1)
+    resumed = open_study(cfg)
+    assert not resumed.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    fill_queue(resumed, 3)
+    run_search(resumed, cfg, tmp_path, fake_trial)
+    assert len(resumed.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+
+
+def test_a_running_trial_younger_than_the_grace_period_is_left_alone(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(config(storage, trials=1, heartbeat_seconds=1))
+    study.ask()  # another worker's trial, just started
+    reopened = open_study(config(storage, trials=1, heartbeat_seconds=1))
+    assert len(reopened.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 1
+
+
 def test_accuracy_ties_go_to_the_lower_validation_loss(tmp_path: Path) -> None:
     cfg = config(":memory:", trials=2)
     study = open_study(cfg)

@@ -53,6 +53,20 @@ def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -
     assert worker.exit_code == 0 and "no queued trial left" in worker.output
 
 
+def test_only_the_adopted_winner_is_scored_on_test(split_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", str(split_folder), "--trials", "2", "--max-images", "24",
+                                       "--backbone", "test_efficientnet", *FAST_CLI, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    trials = sorted((run / "trials").glob("*/metrics.json"))
+    assert len(trials) == 2 and all("test" not in json.loads(t.read_text()) for t in trials)
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert f"test accuracy {test['accuracy']:.4f}" in result.output
+    evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(split_folder), "--split", "test", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["confusion_matrix"] == test["confusion_matrix"]
+
+
 def test_plan_command_writes_a_plan_fit_reruns(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     result = CliRunner().invoke(main, ["plan", str(image_folder), "--backbone", "test_efficientnet",
