@@ -604,6 +604,104 @@ def verdict_lines(report: dict) -> list[str]:
     return lines
 
 
+SEED_COLUMNS = ["autotransfer", "grid best on val", *FIXED_ORDER]
+
+
+def summarise_seeds(reports: list[dict]) -> dict:
+    """Regrets of one bench run with several seeds, per dataset and size, and their means.
+
+    One seed's verdict is made at the noise of one draw of the held-out images (1 SE is
+    2-5 points in the quick bench); each seed redraws the training subsample, the
+    held-out half of val and the training randomness, so the mean regret over seeds is
+    what a choice costs on average, at a smaller noise.
+    """
+    seeds = [r["settings"]["seed"] for r in reports]
+    if len(reports) < 2 or len(set(seeds)) != len(seeds):
+        raise DataError(f"need bench reports of at least 2 different seeds, but got seeds {seeds}")
+    shared = [{k: v for k, v in r["settings"].items() if k != "seed"} for r in reports]
+    differ = sorted({k for other in shared[1:] for k in other if other[k] != shared[0].get(k)})
+    if differ:
+        raise DataError(f"the bench reports differ in more than the seed: {', '.join(differ)}")
+    by_cell: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for seed, report in zip(seeds, reports):
+        for cell in report["cells"]:
+            by_cell[(cell["dataset"], cell["size"])][seed] = cell
+    rows, incomplete = [], []
+    for (dataset, size), cells in by_cell.items():
+        if len(cells) < len(seeds):
+            incomplete.append(f"{dataset} {size} (seeds {sorted(cells)})")
+            continue
+        ordered = [cells[seed] for seed in seeds]
+        regrets = {name: [_seed_regret(c, name) for c in ordered] for name in SEED_COLUMNS}
+        fixed_best = [min((r for r in (_seed_regret(c, n) for n in FIXED_ORDER) if r is not None), default=None)
+                      for c in ordered]
+        rows.append({
+            "dataset": dataset, "size": size, "seeds": seeds,
+            "train_images": [c["images"]["train"] for c in ordered],
+            "heldout_images": [c["images"][c["heldout"]] for c in ordered],
+            "se_points": [c.get("heldout_se_points") for c in ordered],
+            "regrets": regrets,
+            "mean_regret": {name: _mean(values) for name, values in regrets.items()},
+            "below_best_fixed": _mean([None if a is None or f is None else a - f
+                                       for a, f in zip(regrets["autotransfer"], fixed_best)]),
+        })
+    settings_text = reports[0]["settings_text"].replace(f"seed {seeds[0]};", f"seeds {seeds};")
+    return {"seeds": seeds, "settings_text": settings_text, "rows": rows, "incomplete": incomplete,
+            "commands": [r["command"] for r in reports]}
+
+
+def _seed_regret(cell: dict, name: str) -> float | None:
+    if name == "grid best on val":
+        return (cell.get("grid_best_on_val") or {}).get("regret")
+    return (_row(cell, name) or {}).get("regret")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else round(sum(values) / len(values), 2)
+
+
+def seed_verdict_lines(summary: dict) -> list[str]:
+    rows = summary["rows"]
+    lines = []
+    for name in SEED_COLUMNS[:2]:
+        means = [r["mean_regret"][name] for r in rows if r["mean_regret"][name] is not None]
+        within = sum(m <= WITHIN_POINTS for m in means)
+        lines.append(f"{name}: mean regret over seeds {summary['seeds']} within {WITHIN_POINTS:g} point of the "
+                     f"grid's best in {within} of {len(means)} cells; mean over cells {_mean(means):+.1f} points.")
+    worse = [f"{r['dataset']} {r['size']} ({r['below_best_fixed']:+.1f})" for r in rows
+             if r["below_best_fixed"] is not None and r["below_best_fixed"] > WITHIN_POINTS]
+    lines.append("autotransfer more than 1 point below the best fixed recipe on average: "
+                 + (", ".join(worse) if worse else "in no cell") + ".")
+    if summary["incomplete"]:
+        lines.append("Not in every seed's report (left out): " + ", ".join(summary["incomplete"]) + ".")
+    return lines
+
+
+def format_seed_summary(summary: dict) -> str:
+    """Markdown: the verdict on mean regrets, then one row per dataset and size."""
+    lines = ["# autotransfer bench, averaged over seeds", "",
+             f"Settings: {summary['settings_text']}.  ",
+             "Regret = the grid's best held-out accuracy - the recipe's, in points, per seed "
+             "(each seed: its own subsample, held-out half of val and training run), then the mean.", "",
+             *seed_verdict_lines(summary), "",
+             "| dataset | train/class (images) | held-out images | 1 SE (pts) | autotransfer per seed | "
+             + " | ".join(f"{SHORT.get(n, n)} (mean)" for n in SEED_COLUMNS) + " | vs best fixed | within 1 pt |",
+             "|" + "---|" * (8 + len(SEED_COLUMNS) - 1)]
+    for r in summary["rows"]:
+        mean = r["mean_regret"]
+        per_seed = ", ".join("-" if v is None else f"{v:+.1f}" for v in r["regrets"]["autotransfer"])
+        se = [v for v in r["se_points"] if v is not None]
+        lines.append("| " + " | ".join([
+            r["dataset"], f"{r['size'].replace('/class', '')} ({'/'.join(map(str, sorted(set(r['train_images']))))})",
+            "/".join(map(str, sorted(set(r["heldout_images"])))),
+            f"{sum(se) / len(se):.1f}" if se else "-", per_seed,
+            *["-" if mean[n] is None else f"{mean[n]:+.1f}" for n in SEED_COLUMNS],
+            "-" if r["below_best_fixed"] is None else f"{r['below_best_fixed']:+.1f}",
+            "-" if mean["autotransfer"] is None else ("yes" if mean["autotransfer"] <= WITHIN_POINTS else "**no**"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _preamble(report: dict) -> list[str]:
     m = report["machine"]
     v = report["versions"]

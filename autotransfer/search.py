@@ -249,7 +249,10 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         def report(step: int, score: float) -> None:
             trial.report(score, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val balanced accuracy {score:.4f} at step {step}")
+                raise optuna.TrialPruned(
+                    f"pruned: val balanced accuracy {score:.4f} at step {step} is below the median of "
+                    f"earlier trials there"
+                )
 
         start = time.perf_counter()
         metrics = run_trial(plan, run_dir / "trials" / f"{trial.number:04d}", report)

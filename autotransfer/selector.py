@@ -45,10 +45,15 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
     deadline = None if budget is None else time.monotonic() + budget
 
     def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None]) -> dict:
-        log(f"trial: {describe(plan)}")
         left = None if deadline is None else deadline - time.monotonic()
-        result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
-                     max_seconds=left, evaluate_test=False)
+        log(f"trial {int(trial_dir.name)}" + ("" if left is None else f" ({max(0, left):.0f}s of the search budget left)")
+            + f": {describe(plan)}")
+        try:
+            result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
+                         max_seconds=left, evaluate_test=False)
+        except Exception as exc:  # pruned (the search goes on) or failed: say which before it propagates
+            log(f"  -> {exc}")
+            raise
         val = result.metrics["val"]
         log(f"  -> val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, in {result.seconds:.0f}s")
         return result.metrics

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from autotransfer.bench import cap_split, has_test_folder, parse_sizes, scan_datasets, subsample, BenchSettings
+from autotransfer.bench import (
+    BenchSettings, cap_split, has_test_folder, parse_sizes, scan_datasets, subsample, summarise_seeds,
+)
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.errors import DataError, PlanError
@@ -158,6 +162,45 @@ def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]
     assert "<table>" in html and "http" not in html.replace("http-equiv", "")  # self-contained
     pytest.importorskip("matplotlib")
     assert html.count("data:image/png;base64,") == 2  # curves and recipes for the one size
+
+
+def test_seed_summary_averages_each_cells_regrets_over_seeds(
+    tiny_bench: tuple[Path, str], split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+    again = CliRunner().invoke(main, ["bench", str(split_folder), "--quick", "--per-class", "4", "--seed", "1",
+                                      "--backbone", "test_efficientnet", "--trials", "2", *FAST_CLI,
+                                      "--out", str(tmp_path / "s1")])
+    assert again.exit_code == 0, again.output
+    paths = [tiny_bench[0] / "bench.json", tmp_path / "s1" / "bench.json"]
+    reports = [json.loads(p.read_text()) for p in paths]
+    summary = summarise_seeds(reports)
+    (row,) = summary["rows"]
+    cells = [r["cells"][0] for r in reports]
+    assert summary["seeds"] == [0, 1] and "seeds [0, 1];" in summary["settings_text"]
+    assert row["regrets"]["autotransfer"] == [c["autotransfer_regret"] for c in cells]
+    assert row["mean_regret"]["autotransfer"] == pytest.approx(sum(c["autotransfer_regret"] for c in cells) / 2, abs=0.01)
+    assert row["regrets"]["grid best on val"] == [c["grid_best_on_val"]["regret"] for c in cells]
+    fixed = [min(r["regret"] for r in c["rows"] if "fixed" in r["kinds"]) for c in cells]
+    assert row["below_best_fixed"] == pytest.approx(
+        sum(c["autotransfer_regret"] - f for c, f in zip(cells, fixed)) / 2, abs=0.01)
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_seeds.py"
+    done = subprocess.run([sys.executable, str(script), *map(str, paths), "--out", str(tmp_path / "seeds")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    markdown = (tmp_path / "seeds.md").read_text()
+    assert f"| {split_folder.name} | 4 (" in markdown and "mean regret over seeds [0, 1]" in markdown
+    assert json.loads((tmp_path / "seeds.json").read_text())["rows"][0]["regrets"] == row["regrets"]
+
+    same_seed = subprocess.run([sys.executable, str(script), str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x")],
+                               capture_output=True, text=True)
+    assert same_seed.returncode == 1 and same_seed.stderr.strip() == (
+        "error: need bench reports of at least 2 different seeds, but got seeds [0, 0]")
+    reports[1]["settings"]["epochs"] += 1
+    with pytest.raises(DataError, match="differ in more than the seed: epochs"):
+        summarise_seeds(reports)
 
 
 @pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)

@@ -19,6 +19,7 @@ from autotransfer.selector import (
     MIN_SEARCH_SECONDS,
     cheap_first,
     default_budget,
+    trial_runner,
     warm_frozen_features,
 )
 from autotransfer.train import fit
@@ -91,19 +92,23 @@ class Stop(Exception):
     pass
 
 
-def test_report_sees_every_stage_and_can_stop_fine_tuning(image_folder: Path, tmp_path: Path) -> None:
+def test_a_trial_reports_every_stage_can_be_stopped_and_says_so(image_folder: Path, tmp_path: Path) -> None:
     seen: list[tuple[int, float]] = []
+    logged: list[str] = []
 
     def report(step: int, accuracy: float) -> None:
         seen.append((step, accuracy))
         if step == 1:
-            raise Stop  # what a pruner does
+            raise Stop("pruned: at step 1")  # what a pruner does
 
     plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "epochs": 3})
+    run = trial_runner(scan_folder(image_folder), logged.append, budget=600)
     with pytest.raises(Stop):
-        fit(scan_folder(image_folder), plan, tmp_path / "run", progress=False, log=lambda _: None, report=report)
+        run(plan, tmp_path / "trials" / "0003", report)
     assert [step for step, _ in seen] == [0, 1]
     assert all(0.0 <= acc <= 1.0 for _, acc in seen)
+    assert logged[0].startswith("trial 3 (") and "s of the search budget left): test_efficientnet, full" in logged[0]
+    assert logged[1:] == ["  -> pruned: at step 1"]
 
 
 def test_time_limit_stops_fine_tuning_and_keeps_a_model(image_folder: Path, tmp_path: Path) -> None:
