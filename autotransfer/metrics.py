@@ -44,3 +44,22 @@ def classification_report(
         },
         "confusion_matrix": multiclass_confusion_matrix(preds, targets, num_classes=n).tolist(),
     }
+
+
+def balanced_accuracy_gap_se(predicted_a: list[int], predicted_b: list[int], targets: list[int]) -> float:
+    """Standard error of balanced_accuracy(a) - balanced_accuracy(b) on the same images.
+
+    Paired: an image both get right, or both wrong, adds no noise, so the gap between two
+    similar models is judged by the images they disagree on. Balanced accuracy is the mean
+    over classes of per-class means, so the variance is (1/C^2) * sum_c var_c(d) / n_c for
+    d = correct_a - correct_b. 0 when a and b never disagree.
+    """
+    a, b, t = (torch.as_tensor(x, dtype=torch.long) for x in (predicted_a, predicted_b, targets))
+    if not (a.shape == b.shape == t.shape) or t.numel() == 0:
+        raise ValueError(f"need predictions for the same images, but got {a.numel()}, {b.numel()} and {t.numel()} targets")
+    gap = (a == t).double() - (b == t).double()
+    classes = t.unique()
+    variance = sum(
+        float(gap[t == c].var()) / int((t == c).sum()) for c in classes if int((t == c).sum()) > 1
+    )
+    return variance ** 0.5 / len(classes)

@@ -314,7 +314,11 @@ def fit(
     net.eval()
     save()
 
-    metrics = {"val": classification_report(val_logits, val_y, classes)}
+    metrics = {
+        "val": classification_report(val_logits, val_y, classes),
+        # per image, so a search can tell a real lead from noise (metrics.balanced_accuracy_gap_se)
+        "val_predictions": {"predicted": val_logits.argmax(1).tolist(), "target": val_y.tolist()},
+    }
     if evaluate_test and scan.splits.get("test"):
         if plan.strategy == "frozen":
             test_f, test_y, _ = cached_features(

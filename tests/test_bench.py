@@ -234,3 +234,23 @@ def test_uncapped_quick_bench_keeps_every_image(split_folder: Path, tmp_path: Pa
     assert report["settings"]["quick"] is True and "capped" not in report["settings_text"]
     scan = scan_folder(split_folder)
     assert report["cells"][0]["images"] == {split: len(records) for split, records in scan.splits.items()}
+
+
+def test_selection_rules_replay_the_grid_from_each_runs_val_predictions(tiny_bench: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = tiny_bench
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_selection_rules.py"
+    done = subprocess.run([sys.executable, str(script), str(out), "--out", str(tmp_path / "rules")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    replay = json.loads((tmp_path / "rules.json").read_text())
+    (cell,) = json.loads((out / "bench.json").read_text())["cells"]
+    grid = {r["recipe"]: r for r in cell["rows"] if "grid" in r["kinds"]}
+    (picks,) = replay["cells"]
+    for rule in ("val_best", "one_se_rules_rank", "one_se_lowest_loss"):
+        assert picks[rule]["regret"] == pytest.approx(grid[picks[rule]["recipe"]]["regret"], abs=0.01), rule
+        assert replay["summary"][rule]["cells"] == 1
+    assert grid[picks["val_best"]["recipe"]]["val_balanced_accuracy"] == max(r["val_balanced_accuracy"] for r in grid.values())
+
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ")

@@ -340,9 +340,17 @@ def test_accuracy_ties_go_to_the_lower_validation_loss(tmp_path: Path) -> None:
     assert (tmp_path / "leaderboard.csv").read_text().startswith("trial,state,val_balanced_accuracy,val_accuracy,val_loss,")
 
 
-@pytest.mark.parametrize("lead_images, sampled_wins", [(1, False), (2, True)])
-def test_a_sampled_trial_needs_two_more_val_images_to_displace_the_rules(
-    tmp_path: Path, lead_images: int, sampled_wins: bool
+VAL_TARGETS = [0] * 50 + [1] * 50
+RULE_CORRECT = set(range(80))
+# Both challengers get 83 of 100 val images right, 3 more than the rules' Plan: one on the
+# rule's 80 and 3 more (a lead of ~1.8 standard errors), one on 17..99 (37 disagreements:
+# ~0.6 standard errors).
+CHALLENGERS = {"close": set(range(83)), "scattered": set(range(17, 100))}
+
+
+@pytest.mark.parametrize("challenger, sampled_wins", [("close", True), ("scattered", False)])
+def test_a_sampled_trial_displaces_the_rules_only_by_more_than_one_standard_error(
+    tmp_path: Path, challenger: str, sampled_wins: bool
 ) -> None:
     cfg = config(":memory:", trials=None)
     study = open_study(cfg)
@@ -350,12 +358,15 @@ def test_a_sampled_trial_needs_two_more_val_images_to_displace_the_rules(
     enqueue_plans(study, [rule], cfg.backbones)
 
     def trial(plan: Plan, trial_dir: Path, report) -> dict:
-        accuracy = 0.80 + (lead_images / FAKE_VAL_N if plan != replace(rule, reasons=[]) else 0.0)
+        correct = RULE_CORRECT if plan == replace(rule, reasons=[]) else CHALLENGERS[challenger]
+        predicted = [t if i in correct else 1 - t for i, t in enumerate(VAL_TARGETS)]
+        score = len(correct) / len(VAL_TARGETS)  # = balanced accuracy: 50 images per class
         trial_dir.mkdir(parents=True, exist_ok=True)
-        return {"val": {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy, "loss": 1.0, "n": FAKE_VAL_N}}
+        return {"val": {"accuracy": score, "balanced_accuracy": score, "macro_f1": score, "loss": 1.0, "n": 100},
+                "val_predictions": {"predicted": predicted, "target": VAL_TARGETS}}
 
     study.optimize(make_objective(cfg, tmp_path, trial), n_trials=3)
-    assert {t.value for t in study.trials} == {0.80, 0.80 + lead_images / FAKE_VAL_N}
+    assert {t.value for t in study.trials} == {0.80, 0.83}
     plan, best = adopt_best(study, tmp_path)
     assert (best.user_attrs.get("reasons") is None) == sampled_wins
     if not sampled_wins:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
+from autotransfer.search import best_trial
 from autotransfer.selector import (
     BUDGET_SAFETY,
     FIT_COST_IN_FULL_FINETUNES,
@@ -39,8 +40,12 @@ def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -
     assert len(rows) == 3 and rows[0]["from_rules"] == "True"
     plan = Plan.load(run / "plan.json")
     assert any("won the search" in r for r in plan.reasons)
-    best = max(float(r["val_accuracy"]) for r in rows if r["val_accuracy"])
-    assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] == pytest.approx(best)
+    study = optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{run / 'study.db'}")
+    top = max((t for t in study.trials if t.value is not None), key=lambda t: t.value)
+    adopted = best_trial(study)  # --trials 3: all three are the rules' Plans, so the top one
+    assert adopted.number == top.number or adopted.value == top.value
+    assert adopted.user_attrs["val_predictions"]["target"] == top.user_attrs["val_predictions"]["target"]
+    assert json.loads((run / "metrics.json").read_text())["val"]["balanced_accuracy"] == pytest.approx(adopted.value)
 
     evaluated = CliRunner().invoke(main, ["evaluate", str(run), str(image_folder), "--json"])
     assert evaluated.exit_code == 0, evaluated.output

@@ -162,6 +162,8 @@ def test_fit_partial_saves_the_model_whose_metrics_it_reports(split_folder, tmp_
         logits, labels = predict_records(model, scan.splits[split], prep)
         accuracy = float((logits.argmax(1) == labels).float().mean())
         assert accuracy == pytest.approx(result.metrics[split]["accuracy"]), split
+    logits, labels = predict_records(model, scan.splits["val"], prep)  # what a search judges noise by
+    assert result.metrics["val_predictions"] == {"predicted": logits.argmax(1).tolist(), "target": labels.tolist()}
 
 
 def test_fit_full_on_a_truncated_vit(image_folder, tmp_path):
