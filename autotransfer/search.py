@@ -36,7 +36,7 @@ MAX_TRAINED_GROUPS = 6
 # this many standard errors of the gap between the two (paired, over the val images:
 # metrics.balanced_accuracy_gap_se). The best of many sampled trials is flattered by its
 # noise: in quick benches sampled trials that led by 1 of 100 and 3 of 77 val images lost
-# 3 and 4 held-out points. Among the rules' Plans the best on val wins: giving ties within
+# 3 and 2.6 held-out points. Among the rules' Plans the best on val wins: giving ties within
 # one standard error to the rules' ranking instead was worse over 24 bench cells (README).
 SAMPLED_LEAD_STANDARD_ERRORS = 1.0
 # A trial is pruned at a step only against the median of at least this many finished
