@@ -22,6 +22,7 @@ from typing import Callable
 from autotransfer.metrics import balanced_accuracy_gap_se
 from autotransfer.plan import Plan, describe
 
+
 @dataclass
 class Row:
     recipe: str
