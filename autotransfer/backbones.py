@@ -28,6 +28,9 @@ from autotransfer.errors import BackboneError
 
 ENTRY_POINT_GROUP = "autotransfer.backbones"
 DISABLE_AUTOLOAD_ENV = "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD"
+# What every command uses when no --backbone is given (`fit` without --strategy chooses
+# among the installed backbones, this one first).
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
 StateDict = dict[str, torch.Tensor]
 

@@ -293,19 +293,21 @@ def run_autotransfer(
     With `trials` None the budget is the CLI's default (`selector.default_budget`).
     """
     from autotransfer.search import SearchConfig, default_storage
+    from autotransfer.profile import save_profiles
     from autotransfer.selector import default_budget, profile_and_rank, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    profile, plans = profile_and_rank(scan, base, max_images, progress=False)
-    profile.save(out / "profile.json")
+    (profile,), plans = profile_and_rank(scan, base, max_images, progress=False)  # the grid's backbone only
+    save_profiles([profile], out)
     profile_seconds = time.perf_counter() - start
     budget = None
     if trials is None:
         budget, _ = default_budget(scan, plans[0], time.perf_counter() - start)
     config = SearchConfig(
-        data=scan.root, storage=default_storage(out), backbones=[base.backbone], base=base,
+        data=scan.root, storage=default_storage(out), backbones=[base.backbone],
+        base=replace(plans[0], reasons=[]),  # sampled trials see the data as the rules did (image size)
         trials=trials, time_budget=budget, seed=base.seed,
     )
     plan = select_and_fit(config, out, plans, scan=scan, log=lambda line: log(f"    {line}"))

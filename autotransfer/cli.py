@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from autotransfer import __version__
+from autotransfer.backbones import DEFAULT_BACKBONE
 from autotransfer.errors import AutotransferError, DataError
 from autotransfer.plan import BN_MODES, STRATEGIES, Plan
 
@@ -72,7 +73,8 @@ def _print_skipped(scan) -> None:
 
 
 _PLAN_OPTIONS = [
-    click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`; any timm model name works online)."),
+    click.option("--backbone", "backbones", multiple=True, metavar="NAME",
+                 help="Backbone (see `autotransfer backbones`; any timm model name works online). Repeat it to let the search choose among several. [default: with --strategy or --plan, efficientnet_lite0; when autotransfer decides, the installed backbones (at most 3, efficientnet_lite0 first)]"),
     click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen."),
     click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet."),
     click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
@@ -119,11 +121,12 @@ def _echo_plans(plans: list[Plan]) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | None,
         time_budget: str | None, storage: str | None, max_images: int, resume: bool,
-        out: Path | None, no_progress: bool, **options) -> None:
+        out: Path | None, no_progress: bool, backbones: tuple[str, ...], **options) -> None:
     """Train the best classifier for DATA and write the RUN folder.
 
     Without --strategy or --plan, autotransfer decides: it profiles DATA (size, quality,
-    distance to ImageNet per depth), ranks Plans by explicit rules, tries them first in
+    distance to ImageNet per depth) for each candidate backbone, ranks backbones and
+    Plans by explicit rules, tries them first in
     an Optuna search (then sampled ones, pruning weak fine-tuning), and keeps the winner
     on validation balanced accuracy (mean per-class accuracy: it does not reward
     guessing the majority class). The decision and its reasons are printed and stored.
@@ -132,7 +135,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     RUN/model.pt         the model (loads with timm alone, see README)
     RUN/plan.json        what won, with its reasons; `fit DATA --plan RUN/plan.json` reruns it
     RUN/metrics.json     accuracy, balanced accuracy, macro-F1, per-class accuracy, confusion matrix
-    RUN/profile.json     the profile (search only)
+    RUN/profile.json     the leading backbone's profile (search only; RUN/profiles/ holds every candidate's)
     RUN/leaderboard.csv  every trial (search only); RUN/study.db the Optuna study
     RUN/logs/            Lightning CSV logs per stage
     """
@@ -149,7 +152,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
         _echo_decision(plan, out)
         return
     if plan_file or strategy:
-        plan = Plan.load(plan_file) if plan_file else Plan(strategy=strategy, **options)
+        plan = Plan.load(plan_file) if plan_file else Plan(strategy=strategy, backbone=_one_backbone(backbones), **options)
         out = out or Path("runs") / f"{data.resolve().name}-{plan.strategy}"
         scan = _scan(data, plan)
         from autotransfer.train import fit as run_fit
@@ -159,29 +162,68 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
         return
 
     from autotransfer.search import SearchConfig, default_storage, parse_duration
-    from autotransfer.selector import default_budget, profile_and_rank, select_and_fit
+    from autotransfer.profile import save_profiles
+    from autotransfer.selector import default_budget, select_and_fit
 
     start = time.perf_counter()
-    base = Plan(**options)
+    candidates = _candidates(backbones, options["weights"])
+    base = Plan(backbone=candidates[0][0], **options)
     out = out or Path("runs") / f"{data.resolve().name}-auto"
     out.mkdir(parents=True, exist_ok=True)
     scan = _scan(data, base)
-    profile, plans = profile_and_rank(scan, base, max_images, progress)
-    profile.save(out / "profile.json")
-    click.echo(f"profile: {profile.summary.method} distance {profile.summary.distance if profile.summary.distance is None else round(profile.summary.distance, 2)}; ranked plans:")
+    profiles, plans = _profile_and_rank(scan, base, max_images, progress, candidates)
+    save_profiles(profiles, out)
     _echo_plans(plans)
     budget = parse_duration(time_budget) if time_budget else None
     if budget is None and trials is None:
         budget, one_full = default_budget(scan, plans[0], time.perf_counter() - start)
         click.echo(f"search budget: {budget:.0f}s (whole fit within 3x one estimated full fine-tune of {one_full:.0f}s)")
     config = SearchConfig(
-        data=str(data.resolve()), storage=storage or default_storage(out), backbones=[base.backbone],
-        base=base, trials=trials, time_budget=budget, seed=base.seed,
+        data=str(data.resolve()), storage=storage or default_storage(out), backbones=[p.backbone for p in profiles],
+        base=replace(plans[0], reasons=[]),  # sampled trials see the data as the rules did
+        trials=trials, time_budget=budget, seed=base.seed,
     )
     plan = select_and_fit(config, out, plans, scan=scan, log=click.echo)
     metrics = json.loads((out / "metrics.json").read_text())
     _echo_result(metrics, time.perf_counter() - start, out)
     _echo_decision(plan, out)
+
+
+def _one_backbone(backbones: tuple[str, ...]) -> str:
+    if len(backbones) > 1:
+        raise click.UsageError(
+            f"--strategy and --plan train one backbone, but got {len(backbones)} (--backbone "
+            f"{' --backbone '.join(backbones)}); drop --strategy to let autotransfer choose among them"
+        )
+    return backbones[0] if backbones else DEFAULT_BACKBONE
+
+
+def _candidates(backbones: tuple[str, ...], weights: str) -> tuple[list[str], list[str]]:
+    """The backbones a decision chooses among: (always profiled, profiled if the budget
+    allows): those named, else the default and the other installed ones."""
+    from autotransfer.selector import default_backbones
+
+    if len(backbones) > 1 and weights not in ("pretrained", "random"):
+        raise click.UsageError(f"--weights {weights} is a state dict for one backbone; name one --backbone with it")
+    if backbones:
+        return list(dict.fromkeys(backbones)), []
+    default, *installed = default_backbones(weights)
+    return [default], installed
+
+
+def _profile_and_rank(scan, base: Plan, max_images: int, progress: bool, candidates: tuple[list[str], list[str]]):
+    from autotransfer.selector import profile_and_rank
+
+    named, optional = candidates
+    if len(named) + len(optional) > 1:
+        click.echo(f"profiling backbones: {', '.join(named)}" + (f"; if the budget allows, {', '.join(optional)}" if optional else ""))
+    profiles, plans = profile_and_rank(scan, base, max_images, progress, named, optional, log=click.echo)
+    for profile in profiles:
+        distance = profile.summary.distance
+        click.echo(f"profile of {profile.backbone}: {profile.summary.method} distance "
+                   f"{distance if distance is None else round(distance, 2)}")
+    click.echo("ranked plans:")
+    return profiles, plans
 
 
 def _scan(data: Path, plan: Plan):
@@ -219,16 +261,15 @@ def _echo_decision(plan: Plan, out: Path) -> None:
 @click.option("--max-images", type=click.IntRange(min=2), default=400, help="Images the profile forwards (a stratified sample).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("plan.json"), help="Where to write the top-ranked Plan.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
-def plan_command(data: Path, max_images: int, out: Path, no_progress: bool, **options) -> None:
+def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: Path, no_progress: bool, **options) -> None:
     """Profile DATA and print the ranked Plans with their reasons; write the top one.
 
     `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
     """
-    from autotransfer.selector import profile_and_rank
-
-    base = Plan(**options)
+    candidates = _candidates(backbones, options["weights"])
+    base = Plan(backbone=candidates[0][0], **options)
     scan = _scan(data, base)
-    _, plans = profile_and_rank(scan, base, max_images, not no_progress)
+    _, plans = _profile_and_rank(scan, base, max_images, not no_progress, candidates)
     _echo_plans(plans)
     plans[0].save(out)
     click.echo(f"top plan written to {out}; run it with `autotransfer fit {data} --plan {out}`")
@@ -349,7 +390,7 @@ def demo_data(out: Path, size: int) -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
+@click.option("--backbone", default=DEFAULT_BACKBONE, help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--max-images", type=click.IntRange(min=2), default=1000,
               help="Profile at most N images of train+val, sampled stratified by class (sizes and quality checks still read every file).")
@@ -382,7 +423,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
               help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
 @click.option("--quick", is_flag=True,
               help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, val and test at 50/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget. Options below override it.")
-@click.option("--backbone", default="efficientnet_lite0", help="Backbone name (see `autotransfer backbones`).")
+@click.option("--backbone", default=DEFAULT_BACKBONE, help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else the rules' choice per dataset].")
 @click.option("--head-epochs", type=click.IntRange(min=1), default=None, help="Linear-head epochs [default: 30 with --quick, else 60].")

@@ -716,6 +716,30 @@ def _depths(
     return depths
 
 
+PROFILE_FILE = "profile.json"
+PROFILES_DIR = "profiles"
+
+
+def save_profiles(profiles: list[Profile], run_dir: Path) -> None:
+    """RUN/profile.json is the leading backbone's profile (the one the rules led with);
+    with several candidates every one is also in RUN/profiles/<backbone>.json."""
+    profiles[0].save(run_dir / PROFILE_FILE)
+    if len(profiles) > 1:
+        (run_dir / PROFILES_DIR).mkdir(exist_ok=True)
+        for profile in profiles:
+            profile.save(run_dir / PROFILES_DIR / f"{profile.backbone}.json")
+
+
+def load_profile(run_dir: Path, backbone: str | None) -> Profile | None:
+    """The profile of `backbone` in RUN (that of the leading backbone if None), if any."""
+    for path in (run_dir / PROFILES_DIR / f"{backbone}.json", run_dir / PROFILE_FILE):
+        if path.is_file():
+            profile = Profile.load(path)
+            if backbone is None or profile.backbone == backbone:
+                return profile
+    return None
+
+
 def profile_dataset(
     data: str | Path,
     backbone: str = "efficientnet_lite0",

@@ -36,7 +36,7 @@ from autotransfer.checkpoint import MODEL_FILE, load_model
 from autotransfer.errors import AutotransferError, RunError
 from autotransfer.features import torch_threads
 from autotransfer.plan import Plan, describe
-from autotransfer.profile import Profile
+from autotransfer.profile import Profile, load_profile
 from autotransfer.rules import THRESHOLDS
 from autotransfer.strategies import depth_of
 
@@ -451,7 +451,7 @@ def build_report(
     metrics = _read_json(run / "metrics.json")
     scan = _read_json(run / "scan.json")
     search = _read_json(run / "search.json")
-    profile = Profile.load(run / "profile.json") if (run / "profile.json").is_file() else None
+    profile = load_profile(run, plan.backbone if plan else None)
     trials = read_trials(run) if search is not None or (run / "trials").is_dir() else []
     kind = "explicit" if search is None else "search" if plan is not None else "search (no winner yet)"
     missing: dict[str, str] = {}

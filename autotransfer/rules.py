@@ -39,6 +39,12 @@ class Thresholds:
     # frozen depth was a level below the top in 4 of 12 cells, up to 14 points better than
     # the rules' single pick, and always within 0.05 of the best k-NN depth.
     frozen_knn_margin: float = 0.05
+    # Backbones: a costlier backbone leads only when its best k-NN accuracy (any depth)
+    # beats every cheaper candidate's by more than this. One standard error of a k-NN
+    # accuracy near 0.9 on the profile's 400 images is 0.015; within it the cheaper
+    # backbone leaves the budget more trials (Kornblith et al. 2019: ImageNet accuracy
+    # predicts transfer, but the EfficientNet-Lite0/1/2 steps are 1-2 points apart).
+    backbone_knn_margin: float = 0.02
 
 
 THRESHOLDS = Thresholds()
@@ -139,6 +145,56 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     for i, plan in enumerate(ranked[1:], start=2):
         ranked[i - 1] = replace(plan, reasons=[f"alternative {i}: {lead.split(' -> ')[0]}", *plan.reasons])
     return ranked
+
+
+def rank_backbones(
+    profiles: list[Profile], costs: dict[str, float], t: Thresholds = THRESHOLDS
+) -> list[tuple[Profile, str]]:
+    """Candidate backbones, the leading one first, each with why it stands where it does.
+
+    Cheapest first; a costlier one moves ahead only when its best k-NN accuracy beats the
+    leader's by more than `backbone_knn_margin`. `costs`: seconds of one estimated full
+    fine-tune per backbone name.
+    """
+    if not profiles:
+        raise ValueError("need at least one profile to rank backbones")
+    by_cost = sorted(profiles, key=lambda p: costs[p.backbone])
+    knn = {p.backbone: facts(p).best_knn for p in profiles}
+    leader, why = by_cost[0], "the cheapest"
+    for candidate in by_cost[1:]:
+        if knn[candidate.backbone] > knn[leader.backbone] + t.backbone_knn_margin:
+            why = f"its k-NN beats {leader.backbone}'s by more than {t.backbone_knn_margin:g}"
+            leader = candidate
+    if leader is by_cost[0] and len(by_cost) > 1:
+        why += f", and no costlier backbone beats its k-NN by more than {t.backbone_knn_margin:g}"
+
+    def standing(p: Profile) -> str:
+        cost = costs[p.backbone] / costs[by_cost[0].backbone]
+        return f"{p.backbone} (best k-NN {knn[p.backbone]:.3f}, {cost:.1f}x the cheapest's cost)"
+
+    return [(leader, f"backbone {standing(leader)} leads: {why}")] + [
+        (p, f"other backbone {standing(p)}") for p in by_cost if p is not leader
+    ]
+
+
+def rank_plans_across_backbones(
+    profiles: list[Profile], costs: dict[str, float], base: Plan, t: Thresholds = THRESHOLDS
+) -> list[Plan]:
+    """The leading backbone's ranked Plans, then each other backbone's first Plan and its
+    best frozen extractor (one pass over the data): the search can compare backbones
+    before the sampler explores them. One profile: that backbone's `rank_plans`."""
+    if len(profiles) == 1:
+        return rank_plans(profiles[0], base, t)
+    ranked = rank_backbones(profiles, costs, t)
+    (leader, lead), others = ranked[0], ranked[1:]
+    plans = rank_plans(leader, base, t)
+    plans[0] = replace(plans[0], reasons=[*plans[0].reasons, lead])
+    for profile, why in others:
+        own = rank_plans(profile, base, t)
+        frozen = next((p for p in own if p.strategy == "frozen"), None)
+        picks = own[:1] + ([frozen] if frozen is not None and frozen is not own[0] else [])
+        plans += [replace(p, reasons=[*p.reasons, why]) for p in picks]
+    return plans
 
 
 def _frozen_levels(f: Facts, t: Thresholds) -> list[tuple[int, str]]:

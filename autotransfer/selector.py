@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from autotransfer.backbones import get_backbone
+from autotransfer.backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
 from autotransfer.data import DatasetScan, scan_folder
 from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
 from autotransfer.predict import evaluate_records
 from autotransfer.profile import Profile, profile_dataset
-from autotransfer.rules import rank_plans
+from autotransfer.rules import rank_plans, rank_plans_across_backbones
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
@@ -34,6 +34,15 @@ from autotransfer.train import fit
 
 if TYPE_CHECKING:
     import optuna
+
+# Each candidate costs a profile (one pass over at most --max-images images) and a few
+# timed steps before the search starts.
+MAX_DEFAULT_BACKBONES = 3
+# Installed backbones beyond the default are profiled only while all profiles together
+# stay within this share of 3 estimated full fine-tunes (the default fit): measured on 2
+# CPU cores, one profile took 35-120 s (400 images at 224-260 px) against fits of ~400 s
+# on hymenoptera (one profile only) and ~5,000 s on flowers (all three).
+PROFILE_SHARE = 0.15
 
 
 def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | None = None) -> Callable:
@@ -135,15 +144,52 @@ def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None
 
 
 def profile_and_rank(
-    scan: DatasetScan, base: Plan, max_images: int = 400, progress: bool = True
-) -> tuple[Profile, list[Plan]]:
-    """Profile the data for the base Plan's backbone, then let the rules rank Plans."""
-    profile = profile_dataset(
-        scan.root, base.backbone, base.weights, max_images=max_images,
-        image_size=base.image_size, val_fraction=base.val_fraction, seed=base.seed,
-        progress=progress, scan=scan,
-    )
-    return profile, rank_plans(profile, base)
+    scan: DatasetScan, base: Plan, max_images: int = 400, progress: bool = True,
+    backbones: list[str] | None = None, optional_backbones: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Profile], list[Plan]]:
+    """Profile the data for each backbone named (default: the base Plan's) and for each of
+    `optional_backbones` while the profiles stay within PROFILE_SHARE of the default
+    budget, then let the rules rank backbones and Plans. The leading backbone's profile
+    comes first."""
+    start = time.perf_counter()
+
+    def profile(name: str) -> Profile:
+        return profile_dataset(
+            scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
+            val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
+        )
+
+    profiles = [profile(name) for name in backbones or [base.backbone]]
+    optional = list(optional_backbones or [])
+    if optional:
+        one_full = estimate_full_finetune_seconds(scan, rank_plans(profiles[0], base)[0])
+        allowance = PROFILE_SHARE * FIT_COST_IN_FULL_FINETUNES * one_full
+        while optional and time.perf_counter() - start + max(p.seconds for p in profiles) <= allowance:
+            profiles.append(profile(optional.pop(0)))
+        if optional:
+            log(f"not profiled: {', '.join(optional)} (another profile, ~{max(p.seconds for p in profiles):.0f}s, "
+                f"would take the profiles past {PROFILE_SHARE:.0%} of 3 estimated full fine-tunes, {allowance:.0f}s); "
+                "name them with --backbone to compare them anyway")
+    costs = {} if len(profiles) == 1 else {
+        p.backbone: estimate_full_finetune_seconds(scan, rank_plans(p, base)[0]) for p in profiles
+    }
+    plans = rank_plans_across_backbones(profiles, costs, base)
+    profiles.sort(key=lambda p: p.backbone != plans[0].backbone)
+    return profiles, plans
+
+
+def default_backbones(weights: str) -> list[str]:
+    """What `fit` chooses among when no --backbone is given: DEFAULT_BACKBONE, then the
+    other installed backbones (`autotransfer backbones`), at most MAX_DEFAULT_BACKBONES
+    in all; `profile_and_rank` takes the others as optional.
+
+    Only pretrained weights come in sets; 'random' or a weights file means one backbone.
+    """
+    if weights != "pretrained":
+        return [DEFAULT_BACKBONE]
+    installed = [spec.name for spec in list_backbones() if spec.name != DEFAULT_BACKBONE]
+    return [DEFAULT_BACKBONE, *installed][:MAX_DEFAULT_BACKBONES]
 
 
 # The whole fit (profile + search + adopt) may cost this many full fine-tunes (issue 4).

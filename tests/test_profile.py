@@ -21,7 +21,9 @@ from autotransfer.profile import (
     Profile,
     _is_bn,
     format_profile,
+    load_profile,
     profile_dataset,
+    save_profiles,
     stratified_sample,
 )
 from autotransfer.features import weights_id
@@ -113,6 +115,22 @@ def test_schema_round_trip(cache, data: Path, tmp_path: Path) -> None:
         Profile.from_json('{"schema": "autotransfer.profile/0"}')
     with pytest.raises(DataError, match="not found"):
         Profile.load(tmp_path / "missing.json")
+
+
+def test_a_run_keeps_the_profile_of_every_candidate_backbone(cache, data: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    leader = _profile(data)
+    other = replace(leader, backbone="test_resnet")
+    single, several = tmp_path / "single", tmp_path / "several"
+    single.mkdir(), several.mkdir()
+    save_profiles([leader], single)
+    assert not (single / "profiles").exists()
+    assert load_profile(single, leader.backbone) == leader == load_profile(single, None)
+    assert load_profile(single, "test_resnet") is None  # a report never shows another backbone's depths
+    save_profiles([leader, other], several)
+    assert Profile.load(several / "profile.json") == leader
+    assert load_profile(several, "test_resnet") == other and load_profile(several, leader.backbone) == leader
 
 
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])

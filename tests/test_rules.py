@@ -9,7 +9,7 @@ import pytest
 
 from autotransfer.plan import Plan
 from autotransfer.profile import Profile, profile_dataset
-from autotransfer.rules import THRESHOLDS, facts, rank_plans
+from autotransfer.rules import THRESHOLDS, facts, rank_backbones, rank_plans, rank_plans_across_backbones
 
 BASE = Plan("test_efficientnet", weights="random")
 
@@ -114,3 +114,46 @@ def test_frozen_extractors_are_tried_at_every_level_near_the_best_knn(profile: P
     assert not frozen_levels & far_below
     why = next(p for p in plans if p.strategy == "frozen" and p.feature_level == 1).reasons
     assert any("k-NN" in r for r in why)
+
+
+# ---------------------------------------------------------------- backbones
+
+
+@pytest.fixture(scope="module")
+def resnet_profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Profile:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+        return profile_dataset(image_folder, "test_resnet", "random", image_size=64, progress=False)
+
+
+def with_knn(profile: Profile, knn: float) -> Profile:
+    return replace(shaped(profile, per_class=50), depths=[replace(d, knn_accuracy=knn) for d in profile.depths])
+
+
+def test_the_cheapest_backbone_leads_unless_another_is_clearly_better(profile: Profile, resnet_profile: Profile) -> None:
+    costs = {"test_efficientnet": 2.0, "test_resnet": 1.0}
+    margin = THRESHOLDS.backbone_knn_margin
+    close = rank_backbones([with_knn(profile, 0.80 + margin / 2), with_knn(resnet_profile, 0.80)], costs)
+    assert [p.backbone for p, _ in close] == ["test_resnet", "test_efficientnet"]
+    assert "test_resnet (best k-NN 0.800, 1.0x the cheapest's cost) leads: the cheapest" in close[0][1]
+    assert "2.0x the cheapest's cost" in close[1][1]
+    clear = rank_backbones([with_knn(profile, 0.80 + 2 * margin), with_knn(resnet_profile, 0.80)], costs)
+    assert [p.backbone for p, _ in clear] == ["test_efficientnet", "test_resnet"]
+    assert f"beats test_resnet's by more than {margin:g}" in clear[0][1]
+
+
+def test_plans_across_backbones_lead_with_one_and_try_the_others(profile: Profile, resnet_profile: Profile) -> None:
+    profiles = [with_knn(profile, 0.9), with_knn(resnet_profile, 0.5)]
+    plans = rank_plans_across_backbones(profiles, {"test_efficientnet": 1.0, "test_resnet": 1.5}, BASE)
+    own = rank_plans(profiles[0], BASE)
+    assert [(p.backbone, p.strategy, p.cut, p.feature_level) for p in plans[: len(own)]] == [
+        (p.backbone, p.strategy, p.cut, p.feature_level) for p in own]
+    assert any("test_efficientnet (best k-NN 0.900, 1.0x the cheapest's cost) leads: the cheapest" in r for r in plans[0].reasons)
+    others = plans[len(own):]
+    other_rank = rank_plans(profiles[1], BASE)
+    assert [p.backbone for p in others] == ["test_resnet", "test_resnet"]
+    assert (others[0].strategy, others[0].cut) == (other_rank[0].strategy, other_rank[0].cut)  # its rules' first Plan
+    assert others[1].strategy == "frozen"  # and its best frozen extractor: one more pass over the data
+    assert all(any(r.startswith("other backbone test_resnet") for r in p.reasons) for p in others)
+    assert rank_plans_across_backbones(profiles[:1], {}, BASE) == own  # one backbone: its own ranking

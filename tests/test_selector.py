@@ -14,18 +14,22 @@ from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
 from autotransfer.search import best_trial
+from autotransfer.profile import Profile
 from autotransfer.selector import (
     BUDGET_SAFETY,
     FIT_COST_IN_FULL_FINETUNES,
+    MAX_DEFAULT_BACKBONES,
     MIN_SEARCH_SECONDS,
     cheap_first,
+    default_backbones,
     default_budget,
+    profile_and_rank,
     trial_runner,
     warm_frozen_features,
 )
 from autotransfer.train import fit
 
-from conftest import FAST, FAST_CLI
+from conftest import FAST, FAST_CLI, GOOD_PLUGIN, write_plugin
 
 
 def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -> None:
@@ -57,6 +61,73 @@ def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -
     assert len(study.trials) == 3
     worker = CliRunner().invoke(main, ["worker", str(run)])
     assert worker.exit_code == 0 and "no queued trial left" in worker.output
+
+
+def test_fit_chooses_among_several_backbones(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "4", "--max-images", "24",
+                                       "--backbone", "test_efficientnet", "--backbone", "test_resnet",
+                                       "--time-budget", "10m", *FAST_CLI, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "profiling backbones: test_efficientnet, test_resnet\n" in result.output
+    profiles = {name: Profile.load(run / "profiles" / f"{name}.json") for name in ("test_efficientnet", "test_resnet")}
+    assert {p.backbone for p in profiles.values()} == set(profiles)
+    leader = Profile.load(run / "profile.json").backbone
+    assert f"backbone {leader} (best k-NN" in result.output and "other backbone" in result.output
+    config = json.loads((run / "search.json").read_text())
+    assert config["backbones"] == [leader, *(n for n in profiles if n != leader)]
+    assert config["time_budget"] == 600 and config["trials"] == 4
+    rows = list(csv.DictReader((run / "leaderboard.csv").open()))
+    assert len(rows) == 4
+    # --trials 4 takes the rules' first 4 Plans: the leader's first ones
+    assert {r["backbone"] for r in rows} == {leader}
+
+
+def test_sampled_trials_see_the_data_as_the_rules_did(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fast = [a for a in FAST_CLI if a not in ("--image-size", "32")]  # the rules choose the size
+    result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "1", "--max-images", "24",
+                                       "--backbone", "test_efficientnet", *fast, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "upsampled to 128 px" in result.output  # 40 px images
+    assert json.loads((run / "search.json").read_text())["base"]["image_size"] == 128 == Plan.load(run / "plan.json").image_size
+
+
+def test_default_backbones_are_the_installed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_backbones("random") == ["efficientnet_lite0"]  # random weights: no set to choose from
+    site = tmp_path / "site"
+    write_plugin(site, "autotransfer-tiny-plugin", "tiny_plugin", "tiny", GOOD_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD")
+    assert len(default_backbones("pretrained")) <= MAX_DEFAULT_BACKBONES
+    monkeypatch.setattr("autotransfer.selector.MAX_DEFAULT_BACKBONES", 100)
+    chosen = default_backbones("pretrained")
+    assert chosen[0] == "efficientnet_lite0" and "test_resnet" in chosen and len(set(chosen)) == len(chosen)
+
+
+@pytest.mark.parametrize("share, profiled", [(0.0, ["test_efficientnet"]), (1e9, ["test_efficientnet", "test_resnet"])])
+def test_optional_backbones_are_profiled_only_within_their_share_of_the_budget(
+    image_folder: Path, monkeypatch: pytest.MonkeyPatch, share: float, profiled: list[str]
+) -> None:
+    monkeypatch.setattr("autotransfer.selector.PROFILE_SHARE", share)
+    logged: list[str] = []
+    base = Plan(**{**FAST, "backbone": "test_efficientnet"})
+    profiles, plans = profile_and_rank(scan_folder(image_folder), base, 24, False, ["test_efficientnet"],
+                                       ["test_resnet"], log=logged.append)
+    assert sorted(p.backbone for p in profiles) == profiled
+    assert {p.backbone for p in plans} == set(profiled)
+    assert bool(logged) == (len(profiled) == 1)
+    assert all(line.startswith("not profiled: test_resnet (another profile, ~") and "--backbone" in line for line in logged)
+
+
+def test_one_backbone_for_an_explicit_strategy(image_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["fit", str(image_folder), "--strategy", "frozen", "--backbone", "test_resnet",
+                                       "--backbone", "test_efficientnet", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "--strategy and --plan train one backbone, but got 2" in result.output
+    weights = CliRunner().invoke(main, ["fit", str(image_folder), "--backbone", "test_resnet", "--backbone",
+                                        "test_efficientnet", "--weights", str(tmp_path / "w.pth")])
+    assert weights.exit_code == 2 and "state dict for one backbone" in weights.output
 
 
 def test_only_the_adopted_winner_is_scored_on_test(split_folder: Path, tmp_path: Path) -> None:
