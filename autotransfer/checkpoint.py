@@ -3,6 +3,7 @@
 `model.pt` loads with torch and timm alone (see README, "Use the model without
 autotransfer"): create the architecture with num_classes=0, prune it at
 `feature_level` if set, reset the classifier to the class count, load `state_dict`.
+A model that reads every level (`all_levels_head`) needs `MultiLevelNet` on top.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from autotransfer.errors import RunError
-from autotransfer.strategies import Preprocessing, attach_head
+from autotransfer.strategies import MultiLevelNet, Preprocessing, TransferNet, attach_head
 
 FORMAT = "autotransfer.model/1"
 MODEL_FILE = "model.pt"
@@ -23,23 +24,31 @@ MODEL_FILE = "model.pt"
 
 def save_model(
     path: str | Path,
-    model: nn.Module,
+    net: TransferNet | MultiLevelNet,
     architecture: str,
     feature_level: int | None,
     classes: list[str],
     preprocessing: Preprocessing,
 ) -> None:
+    """`state_dict` is always a plain timm model's. A MultiLevelNet's is the backbone
+    without classifier, and its head (standardisation and linear layer) is `all_levels_head`."""
     payload = {
         "format": FORMAT,
         "architecture": architecture,
         "feature_level": feature_level,
         "classes": list(classes),
         "preprocessing": asdict(preprocessing),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": _cpu(net.model.state_dict()),
     }
+    if isinstance(net, MultiLevelNet):
+        payload["all_levels_head"] = _cpu(net.classifier.state_dict())
     tmp = Path(path).with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def read_checkpoint(run_dir: str | Path) -> dict:
@@ -66,12 +75,17 @@ def read_checkpoint(run_dir: str | Path) -> dict:
 def load_model(run_dir: str | Path) -> tuple[nn.Module, list[str], Preprocessing]:
     """The trained classifier in eval mode, its class names and its preprocessing."""
     payload = read_checkpoint(run_dir)
-    model = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
-    attach_head(model, payload["feature_level"], len(payload["classes"]))
-    model.load_state_dict(payload["state_dict"])
     prep = payload["preprocessing"]
     preprocessing = Preprocessing(
         prep["input_size"], tuple(prep["mean"]), tuple(prep["std"]),
         prep["interpolation"], prep["crop_pct"],
     )
+    model = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
+    if "all_levels_head" in payload:
+        model.load_state_dict(payload["state_dict"])
+        net = MultiLevelNet(model, len(payload["classes"]), preprocessing.input_size)
+        net.classifier.load_state_dict(payload["all_levels_head"])
+        return net.eval(), list(payload["classes"]), preprocessing
+    attach_head(model, payload["feature_level"], len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
     return model.eval(), list(payload["classes"]), preprocessing

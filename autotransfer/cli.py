@@ -77,6 +77,7 @@ _PLAN_OPTIONS = [
                  help="Backbone (see `autotransfer backbones`; any timm model name works online). Repeat it to let the search choose among several. [default: with --strategy or --plan, efficientnet_lite0; when autotransfer decides, the installed backbones (at most 3, efficientnet_lite0 first)]"),
     click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen."),
     click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet."),
+    click.option("--all-levels", is_flag=True, help="frozen: classify from every feature level and the top at once (pooled, standardised, one linear head: Head2Toe). Helps far from ImageNet."),
     click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
     click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone."),
     click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from autotransfer.backbones import BackboneSpec
 from autotransfer.data import DatasetScan, ImageRecord, load_rgb
 from autotransfer.plan import Plan
-from autotransfer.strategies import Preprocessing, TransferNet, attach_head, build_net
+from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, attach_head, build_net
 
 CACHE_ENV = "AUTOTRANSFER_CACHE"
 
@@ -105,7 +105,7 @@ def cache_dir() -> Path:
 
 
 def feature_key(
-    architecture: str, weights_id: str, feature_level: int | None, prep: Preprocessing,
+    architecture: str, weights_id: str, feature_level: int | str | None, prep: Preprocessing,
     data_hash: str,
 ) -> str:
     blob = json.dumps(
@@ -128,7 +128,7 @@ def weights_id(spec: BackboneSpec, weights: str, seed: int) -> str:
 
 @torch.inference_mode()
 def extract_features(
-    net: TransferNet, records: list[ImageRecord], prep: Preprocessing, batch_size: int = 64,
+    net: TransferNet | MultiLevelNet, records: list[ImageRecord], prep: Preprocessing, batch_size: int = 64,
     desc: str = "features", progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (n x D) and labels of `records`, backbone in eval mode."""
@@ -145,7 +145,7 @@ def extract_features(
 
 
 def cache_path(
-    architecture: str, weights_id: str, feature_level: int | None, prep: Preprocessing,
+    architecture: str, weights_id: str, feature_level: int | str | None, prep: Preprocessing,
     data_hash: str,
 ) -> Path:
     return cache_dir() / f"{feature_key(architecture, weights_id, feature_level, prep, data_hash)}.pt"
@@ -160,8 +160,8 @@ def store_features(path: Path, feats: torch.Tensor, labels: torch.Tensor) -> Non
 
 
 def cached_features(
-    net: TransferNet, scan: DatasetScan, split: str, prep: Preprocessing, architecture: str,
-    weights_id: str, feature_level: int | None, batch_size: int = 64, progress: bool = True,
+    net: TransferNet | MultiLevelNet, scan: DatasetScan, split: str, prep: Preprocessing, architecture: str,
+    weights_id: str, feature_level: int | str | None, batch_size: int = 64, progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(features, labels, reused) for one split, computed only when not yet on disk."""
     path = cache_path(architecture, weights_id, feature_level, prep, scan.content_hash(split))
@@ -181,43 +181,50 @@ def cached_features(
 @torch.inference_mode()
 def cache_feature_levels(
     spec: BackboneSpec, plan: Plan, scan: DatasetScan, levels: list[int | None],
-    batch_size: int = 64, progress: bool = True,
-) -> list[int | None]:
+    batch_size: int = 64, progress: bool = True, all_levels: bool = False,
+) -> list[int | str | None]:
     """Cache the pooled features of several depths from one forward pass per image.
 
     A sweep of frozen extractors over depths then costs one pass over the data instead of
     one per depth (cheap first). A level joins the shared pass only if, on the first
     batch, average-pooling its feature map gives what the truncated network computes;
-    any other level is left to `cached_features`. Returns the levels cached here.
+    any other level is left to `cached_features`. With `all_levels`, the concatenation
+    a MultiLevelNet reads (every level pooled, then the top) is cached too, as level
+    ALL_LEVELS. Returns the levels cached here.
     """
     prep = Preprocessing.for_plan(spec, plan)
     wid = weights_id(spec, plan.weights, plan.seed)
     splits = [s for s, records in scan.splits.items() if records]
+    wanted: list[int | str | None] = [*levels, *([ALL_LEVELS] if all_levels else [])]
     paths = {
         (split, level): cache_path(spec.architecture, wid, level, prep, scan.content_hash(split))
-        for split in splits for level in levels
+        for split in splits for level in wanted
     }
     if all(path.is_file() for path in paths.values()):
         return []
-    net = build_net(spec, replace(plan, strategy="frozen", cut=None, feature_level=None), len(scan.classes))
+    net = build_net(spec, replace(plan, strategy="frozen", cut=None, feature_level=None, all_levels=False), len(scan.classes))
     model = net.eval().model.to("cuda" if torch.cuda.is_available() else "cpu")
     if not hasattr(model, "forward_intermediates"):
         return []
-    ints = sorted({level for level in levels if level is not None})
-    shared: list[int | None] | None = None
+    every = list(range(len(model.feature_info)))
+    ints = every if all_levels else sorted({level for level in levels if level is not None})
+    shared: list[int | str | None] | None = None
     for split in splits:
-        outputs: dict[int | None, list[torch.Tensor]] = {level: [] for level in levels}
+        outputs: dict[int | str | None, list[torch.Tensor]] = {level: [] for level in wanted}
         labels = []
         loader = image_loader(scan.splits[split], eval_transform(prep), batch_size)
-        for images, targets in tqdm(loader, desc=f"{split} features, {len(levels)} depths", unit="batch", leave=False, disable=not progress):
+        for images, targets in tqdm(loader, desc=f"{split} features, {len(wanted)} depths", unit="batch", leave=False, disable=not progress):
             images = images.to(next(model.parameters()).device)
             final, maps = model.forward_intermediates(images, indices=ints) if ints else (model.forward_features(images), [])
-            pooled: dict[int | None, torch.Tensor] = {
+            pooled: dict[int | str | None, torch.Tensor] = {
                 level: f.float().mean(dim=(2, 3)) for level, f in zip(ints, maps) if f.ndim == 4
             }
             pooled[None] = model.forward_head(final, pre_logits=True).float()
+            if all_levels and all(level in pooled for level in every):  # what MultiLevelNet.features computes
+                pooled[ALL_LEVELS] = torch.cat([pooled[level] for level in every] + [pooled[None]], dim=1)
             if shared is None:
-                shared = [level for level in levels if level in pooled and _matches(model, level, images, pooled[level])]
+                shared = [level for level in wanted if level in pooled and (
+                    level == ALL_LEVELS or _matches(model, level, images, pooled[level]))]
             for level in shared:
                 outputs[level].append(pooled[level].cpu())
             labels.append(targets)

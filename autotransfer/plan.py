@@ -25,6 +25,9 @@ class Plan:
     strategy: str = "frozen"
     cut: int | None = None
     feature_level: int | None = None
+    # frozen only: classify from every feature level and the top at once, each level's map
+    # mean-pooled and standardised, one linear head on them all (Head2Toe, Evci et al. 2022)
+    all_levels: bool = False
     # BatchNorm of the blocks being fine-tuned: "frozen" keeps ImageNet running statistics
     # (eval mode); "train" lets them adapt. Frozen blocks are always in eval mode.
     bn_mode: str = "frozen"
@@ -57,6 +60,11 @@ class Plan:
                 f"--cut {self.cut} only applies to strategy 'partial', not '{self.strategy}'; "
                 "use --feature-level to classify from an earlier block"
             )
+        if self.all_levels and (self.strategy != "frozen" or self.feature_level is not None):
+            raise PlanError(
+                f"all_levels reads every feature level of a frozen backbone; it needs strategy 'frozen' "
+                f"and no feature_level, but got strategy '{self.strategy}', feature_level {self.feature_level}"
+            )
         for name in ("head_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be at least 1, but got {getattr(self, name)}")
@@ -81,7 +89,7 @@ class Plan:
             (int, type(None)): ("cut", "feature_level", "image_size"),
             (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction"),
             str: ("backbone", "strategy", "bn_mode", "weights"),
-            bool: ("class_weighting", "lp_init"),
+            bool: ("all_levels", "class_weighting", "lp_init"),
             list: ("reasons",),
         }
         for kind, names in kinds.items():
@@ -116,7 +124,7 @@ class Plan:
 
 def describe(plan: Plan) -> str:
     """The Plan in one line, as `fit`, `plan` and reports print it."""
-    depth = "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
+    depth = "every feature level" if plan.all_levels else "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
     what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
             "full": "full fine-tuning"}[plan.strategy]
     return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (

@@ -31,7 +31,7 @@ class Recipe:
 
 def fixed_recipes(base: Plan) -> list[Recipe]:
     """The recipes from the guides, with the same epochs, image size and seed as `base`."""
-    frozen = replace(base, strategy="frozen", cut=None, feature_level=None, reasons=[])
+    frozen = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=False, reasons=[])
     full = replace(frozen, strategy="full")
     return [
         Recipe("frozen-top", FIXED, "frozen", "frozen extractor + linear head on the top features", frozen),
@@ -69,7 +69,7 @@ def grid_recipes(base: Plan, levels: list[int | None] | None = None, cuts: list[
     bad = [c for c in cuts if not 0 <= c < groups]
     if bad:
         raise ValueError(f"cuts must be between 0 and {groups - 1} for {base.backbone}, but got {bad}")
-    frozen = replace(base, strategy="frozen", cut=None, feature_level=None, reasons=[])
+    frozen = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=False, reasons=[])
     recipes = []
     for level in levels:
         if level is None:

@@ -71,6 +71,7 @@ class TrialRow:
     cut: int | None
     feature_level: int | None
     from_rules: bool | None  # queued by the rule engine (None: not recorded)
+    all_levels: bool = False  # a frozen head on every level at once: no single depth
     head_val_accuracy: float | None = None
     finetune_val_accuracy: float | None = None
     best_so_far: float | None = None
@@ -170,6 +171,7 @@ def _trials_from_leaderboard(path: Path) -> list[TrialRow]:
                 backbone=r.get("backbone") or None, strategy=r.get("strategy") or None,
                 cut=_number(r.get("cut"), int), feature_level=_number(r.get("feature_level"), int),
                 from_rules={"True": True, "False": False}.get(r.get("from_rules", "")),
+                all_levels=r.get("all_levels") == "True",
             ))
     return rows
 
@@ -187,7 +189,7 @@ def _trials_from_folders(trials_dir: Path) -> list[TrialRow]:
             macro_f1=val.get("macro_f1"),
             seconds=(metrics or {}).get("seconds"), backbone=plan.get("backbone"),
             strategy=plan.get("strategy"), cut=plan.get("cut"), feature_level=plan.get("feature_level"),
-            from_rules=None,
+            from_rules=None, all_levels=bool(plan.get("all_levels")),
         ))
     return rows
 
@@ -251,6 +253,8 @@ def _measured_points(depths: _Depths, plan: dict, stages: dict, trial: int | Non
     """A run's two points: its linear head (frozen at its level) and its fine-tuning."""
     strategy, level = plan.get("strategy"), plan.get("feature_level")
     points = []
+    if plan.get("all_levels"):  # no single depth to plot it at
+        return points
     head_x = depths.at_level(level)
     if stages.get("head_val_accuracy") is not None and head_x is not None:
         points.append(CurvePoint(head_x, stages["head_val_accuracy"], "trial-head", "frozen", level, trial))
@@ -340,7 +344,7 @@ def probe_points(plan: Plan, scan, depths: _Depths, progress: bool = False,
     _, levels = depth_of(plan.backbone, None)
     points = []
     for level in [*range(levels), None]:
-        frozen = replace(plan, strategy="frozen", cut=None, feature_level=level, reasons=[])
+        frozen = replace(plan, strategy="frozen", cut=None, feature_level=level, all_levels=False, reasons=[])
         net = build_net(spec, frozen, len(scan.classes))
         (tx, ty, _), (vx, vy, _) = (
             cached_features(net, scan, split, prep, spec.architecture, wid, level, progress=progress)
@@ -739,7 +743,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
         blocks.append(("p", f"<b>{r.decision}</b>"))
         if r.plan.reasons:
             blocks.append(("list", r.plan.reasons))
-        keys = ["backbone", "strategy", "cut", "feature_level", "bn_mode", "weights", "image_size", "head_epochs",
+        keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "weights", "image_size", "head_epochs",
                 "epochs", "lr", "backbone_lr_ratio", "weight_decay", "class_weighting", "lp_init", "batch_size", "seed"]
         plan = asdict(r.plan)
         blocks.append(("table", ["plan field", "value"], [[k, _fmt(plan[k], ".3g")] for k in keys if k in plan]))
@@ -801,7 +805,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
                                  "strategy", "cut", "level", "origin", "seconds"], [
             [t.number, t.state, _fmt(t.val_balanced_accuracy), _fmt(t.val_accuracy), _fmt(t.best_so_far), _fmt(t.head_val_accuracy),
              _fmt(t.finetune_val_accuracy), t.strategy or "-", _fmt(t.cut),
-             "-" if t.strategy is None else "top" if t.feature_level is None else t.feature_level,
+             "-" if t.strategy is None else "all" if t.all_levels else "top" if t.feature_level is None else t.feature_level,
              "-" if t.state == "WAITING" else {True: "rules", False: "sampled", None: "-"}[t.from_rules],
              _fmt(t.seconds, ".0f")]
             for t in r.trials]))

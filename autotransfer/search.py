@@ -26,7 +26,7 @@ import optuna
 from autotransfer.errors import AutotransferError, RunError
 from autotransfer.metrics import balanced_accuracy_gap_se
 from autotransfer.plan import Plan
-from autotransfer.strategies import depth_of
+from autotransfer.strategies import all_levels_supported, depth_of
 
 STUDY_NAME = "autotransfer"
 SEARCH_FILE = "search.json"
@@ -164,9 +164,10 @@ def plan_from_params(params: dict, base: Plan) -> Plan:
     """The Plan a trial's parameters describe (depth given relative to the top)."""
     backbone = params.get("backbone", base.backbone)
     _, levels = depth_of(backbone, None)
-    below = min(params.get("levels_below_top", 0), levels)
-    level = None if below == 0 else levels - below
     strategy = params["strategy"]
+    all_levels = strategy == "frozen" and params.get("all_levels", False)
+    below = 0 if all_levels else min(params.get("levels_below_top", 0), levels)
+    level = None if below == 0 else levels - below
     cut = None
     if strategy == "partial":
         groups, _ = depth_of(backbone, level)
@@ -178,6 +179,7 @@ def plan_from_params(params: dict, base: Plan) -> Plan:
         strategy=strategy,
         cut=cut,
         feature_level=level,
+        all_levels=all_levels,
         lr=params.get("lr", base.lr),
         weight_decay=params.get("weight_decay", base.weight_decay),
         class_weighting=params.get("class_weighting", base.class_weighting),
@@ -200,6 +202,8 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
     }
     if len(backbones) > 1:
         params["backbone"] = plan.backbone
+    if plan.strategy == "frozen" and all_levels_supported(plan.backbone):
+        params["all_levels"] = plan.all_levels
     if plan.strategy == "partial":
         groups, _ = depth_of(plan.backbone, plan.feature_level)
         params["trained_groups"] = groups - plan.cut
@@ -220,6 +224,8 @@ def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
     params["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
     params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     params["class_weighting"] = trial.suggest_categorical("class_weighting", [False, True])
+    if params["strategy"] == "frozen" and all_levels_supported(params.get("backbone", backbones[0])):
+        params["all_levels"] = trial.suggest_categorical("all_levels", [False, True])
     if params["strategy"] == "partial":
         params["trained_groups"] = trial.suggest_int("trained_groups", 1, MAX_TRAINED_GROUPS)
     if params["strategy"] != "frozen":
@@ -344,7 +350,7 @@ def write_leaderboard(study: optuna.Study, path: Path) -> None:
     """One row per trial: state, balanced accuracy (the objective), accuracy, seconds, plan
     essentials, whether a rule queued it."""
     fields = ["trial", "state", "val_balanced_accuracy", "val_accuracy", "val_loss", "macro_f1", "seconds",
-              "backbone", "strategy", "cut", "feature_level", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
+              "backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
               "weight_decay", "class_weighting", "from_rules"]
     rows = []
     for t in study.get_trials(deepcopy=False):

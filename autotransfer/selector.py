@@ -113,19 +113,23 @@ def cheap_first(plans: list[Plan]) -> list[Plan]:
 def warm_frozen_features(scan: DatasetScan, plans: list[Plan]) -> None:
     """Cache the features of every depth the Plans start from, in one pass per backbone.
 
-    Frozen trials at several depths then read their features from disk, and partial and
-    full trials find the top features for their linear probe.
+    Frozen trials at several depths (or at all of them at once) then read their features
+    from disk, and partial and full trials find the top features for their linear probe.
     """
     by_backbone: dict[tuple, list[int | None]] = {}
+    all_levels: set[tuple] = set()
     for plan in plans:
         if plan.lp_init:
             key = (plan.backbone, plan.weights, plan.image_size, plan.seed)
             by_backbone.setdefault(key, [None])
             if plan.feature_level not in by_backbone[key]:
                 by_backbone[key].append(plan.feature_level)
-    for (backbone, weights, image_size, seed), levels in by_backbone.items():
+            if plan.all_levels:
+                all_levels.add(key)
+    for key, levels in by_backbone.items():
+        backbone, weights, image_size, seed = key
         plan = Plan(backbone, weights=weights, image_size=image_size, seed=seed)
-        cache_feature_levels(get_backbone(backbone), plan, scan, levels, progress=False)
+        cache_feature_levels(get_backbone(backbone), plan, scan, levels, progress=False, all_levels=key in all_levels)
 
 
 def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print) -> Plan | None:
@@ -217,7 +221,7 @@ def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
     backbone and the data size.
     """
     spec = get_backbone(plan.backbone)
-    full = replace(plan, strategy="full", cut=None, reasons=[])
+    full = replace(plan, strategy="full", cut=None, all_levels=False, reasons=[])
     net = build_net(spec, full, len(scan.classes)).train()
     size = Preprocessing.for_plan(spec, full).input_size
     images = torch.randn(8, 3, size, size)

@@ -84,6 +84,84 @@ class TransferNet(nn.Module):
         return self
 
 
+# Each level's standardised features are scaled to this norm (about that of the raw top
+# features of EfficientNet-Lite, 10-75), so every level weighs the same in the head and
+# the head learns at the pace of a head on one level.
+LEVEL_NORM = 10.0
+ALL_LEVELS = "all"  # the feature-cache key of the concatenated levels
+
+
+class Standardise(nn.Module):
+    """(x - mean) * scale, per feature; set from the training features, saved with the head."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.scale
+
+
+class MultiLevelNet(nn.Module):
+    """A frozen timm backbone read at every feature level and the top at once (Head2Toe,
+    Evci et al. 2022, without its feature selection): each level's map mean-pooled, all
+    standardised, concatenated, one linear classifier. Far from ImageNet the top features
+    are too specific and the early ones too generic; the head weighs them itself."""
+
+    def __init__(self, model: nn.Module, num_classes: int, input_size: int) -> None:
+        super().__init__()
+        self.model = model  # timm, num_classes=0, every parameter frozen
+        self.levels = list(range(len(model.feature_info)))
+        for param in model.parameters():
+            param.requires_grad_(False)
+        with torch.inference_mode():
+            was_training = model.training
+            probe = self._pooled(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+            model.train(was_training)
+        self.dims = [int(p.shape[1]) for p in probe]
+        self.classifier = nn.Sequential(Standardise(sum(self.dims)), nn.Linear(sum(self.dims), num_classes))
+        self.train(self.training)
+
+    def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.model.eval()
+        final, maps = self.model.forward_intermediates(x, indices=self.levels)
+        top = self.model.forward_head(final, pre_logits=True)
+        return [m.float().mean(dim=(2, 3)) for m in maps] + [top.float()]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every level's pooled features, concatenated (stem first, top last): what the
+        head is trained on from the cache."""
+        return torch.cat(self._pooled(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def set_standardisation(self, train_features: torch.Tensor) -> None:
+        """Standardise each feature with the training set's mean and spread, then scale each
+        level to a mean norm of LEVEL_NORM (a level of d varying features: LEVEL_NORM /
+        sqrt(d)); features constant on the training set (dead units) count for nothing."""
+        standardise = self.classifier[0]
+        std = train_features.float().std(dim=0, unbiased=False)
+        varying = std > 1e-6
+        level = torch.cat([
+            torch.full((d,), LEVEL_NORM / max(1, int(alive.sum())) ** 0.5)
+            for d, alive in zip(self.dims, varying.split(self.dims))
+        ])
+        standardise.mean.copy_(train_features.float().mean(dim=0))
+        standardise.scale.copy_(torch.where(varying, level / std.clamp(min=1e-6), 0.0))
+
+    def train(self, mode: bool = True) -> "MultiLevelNet":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+
+def supports_all_levels(model: nn.Module) -> bool:
+    """Can MultiLevelNet read this timm model (feature maps from forward_intermediates)?"""
+    return callable(getattr(model, "forward_intermediates", None)) and len(getattr(model, "feature_info", [])) > 0
+
+
 def _all_frozen(module: nn.Module) -> bool:
     params = list(module.parameters())
     return bool(params) and not any(p.requires_grad for p in params)
@@ -134,10 +212,14 @@ def attach_head(model: nn.Module, feature_level: int | None, num_classes: int) -
     return model
 
 
-def build_net(spec: BackboneSpec, plan: Plan, num_classes: int) -> TransferNet:
+def build_net(spec: BackboneSpec, plan: Plan, num_classes: int) -> TransferNet | MultiLevelNet:
     """The network the Plan describes, with weights loaded and groups frozen."""
     torch.manual_seed(plan.seed)
     model = create_model(spec, plan.weights, num_classes=0)
+    if plan.all_levels:
+        if not supports_all_levels(model):
+            raise PlanError(f"all_levels needs timm feature maps (forward_intermediates), which {spec.name} does not offer")
+        return MultiLevelNet(model, num_classes, Preprocessing.for_plan(spec, plan).input_size)
     levels = len(model.feature_info)
     if plan.feature_level is not None and not 0 <= plan.feature_level < levels:
         raise PlanError(
@@ -171,6 +253,12 @@ def describe_backbone(spec: BackboneSpec) -> dict:
         "groups": len(coarse_groups(model)),
         "levels": len(model.feature_info),
     }
+
+
+@lru_cache(maxsize=None)
+def all_levels_supported(backbone: str) -> bool:
+    """Whether a Plan with all_levels can run on this backbone; random init is enough."""
+    return supports_all_levels(create_model(get_backbone(backbone), "random", num_classes=0))
 
 
 @lru_cache(maxsize=None)

@@ -36,7 +36,7 @@ from autotransfer.features import (
 )
 from autotransfer.metrics import balanced_accuracy, classification_report
 from autotransfer.plan import Plan
-from autotransfer.strategies import Preprocessing, TransferNet, build_net
+from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, build_net
 
 
 # Fine-tuning replaces the linear head only when its validation balanced accuracy is
@@ -217,7 +217,7 @@ def fit(
     net.to(device)
 
     def save() -> None:
-        save_model(out / MODEL_FILE, net.model, spec.architecture, plan.feature_level, classes, prep)
+        save_model(out / MODEL_FILE, net, spec.architecture, plan.feature_level, classes, prep)
 
     def save_interrupted(stage: str, task: ClassifierTask | None) -> None:
         """Ctrl-C: keep the best weights so far and say what they are, so nothing is lost."""
@@ -230,18 +230,21 @@ def fit(
         }, indent=2) + "\n")
 
     wid = weights_id(spec, plan.weights, plan.seed)
+    level = ALL_LEVELS if plan.all_levels else plan.feature_level  # what the features are cached as
     stages: dict[str, float] = {}  # val accuracy and balanced accuracy after each stage
     kept: str | None = None  # after fine-tuning: which stage's weights were kept, "head" or "finetuned"
     if plan.lp_init:
         features = {
             split: cached_features(
-                net, scan, split, prep, spec.architecture, wid, plan.feature_level, progress=progress
+                net, scan, split, prep, spec.architecture, wid, level, progress=progress
             )
             for split in ("train", "val")
         }
         reused = all(reuse for _, _, reuse in features.values())
         log(f"features: {'reused from cache' if reused else 'computed and cached'}")
         (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
+        if isinstance(net, MultiLevelNet):
+            net.set_standardisation(train_f)
 
         weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
         head_task = ClassifierTask(
@@ -322,7 +325,7 @@ def fit(
     if evaluate_test and scan.splits.get("test"):
         if plan.strategy == "frozen":
             test_f, test_y, _ = cached_features(
-                net, scan, "test", prep, spec.architecture, wid, plan.feature_level, progress=progress
+                net, scan, "test", prep, spec.architecture, wid, level, progress=progress
             )
             with torch.inference_mode():  # fresh features are inference tensors
                 test_logits = net.classifier(test_f.to(device)).cpu()

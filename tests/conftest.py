@@ -174,3 +174,9 @@ def truncated_run(tmp_path_factory, split_folder: Path) -> Path:
         tmp_path_factory, split_folder, "truncated", backbone="test_resnet",
         strategy="partial", cut=1, feature_level=2, head_epochs=30,  # level 2 learns slower
     )
+
+
+@pytest.fixture(scope="session")
+def all_levels_run(tmp_path_factory, split_folder: Path) -> Path:
+    """A frozen run reading every feature level of test_efficientnet at once."""
+    return _fit_session_run(tmp_path_factory, split_folder, "all-levels", backbone="test_efficientnet", all_levels=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,9 @@ import torch
 from timm.data import create_transform
 
 from autotransfer.checkpoint import FORMAT, load_model, read_checkpoint
-from autotransfer.data import load_rgb
+from autotransfer.data import load_rgb, scan_folder
 from autotransfer.errors import RunError
+from autotransfer.predict import evaluate_records
 from conftest import CLASSES
 
 RUNS = ["frozen_run", "truncated_run"]
@@ -108,3 +110,15 @@ def test_unreadable_or_foreign_model_file_is_a_run_error(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "foreign" / "model.pt")
     with pytest.raises(RunError, match=rf"is not an autotransfer model file \(format {FORMAT}\)"):
         load_model(tmp_path / "foreign")
+
+
+def test_all_levels_model_file_predicts_what_the_run_measured(all_levels_run, split_folder):
+    payload = read_checkpoint(all_levels_run)
+    assert "all_levels_head" in payload
+    plain = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
+    plain.load_state_dict(payload["state_dict"])  # the backbone is still a plain timm model
+    model, classes, prep = load_model(all_levels_run)
+    metrics = json.loads((all_levels_run / "metrics.json").read_text())
+    report = evaluate_records(all_levels_run, scan_folder(split_folder).splits["val"], classes)
+    assert report["confusion_matrix"] == metrics["val"]["confusion_matrix"]
+    assert report["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-4)

@@ -39,8 +39,9 @@ def ok(*args: str | Path):
 
 @pytest.mark.parametrize(
     "backbone, strategy_args",
-    [("test_efficientnet", ["--strategy", "frozen"]), ("test_vit", ["--strategy", "full", "--feature-level", "3"])],
-    ids=["frozen", "full"],
+    [("test_efficientnet", ["--strategy", "frozen"]), ("test_vit", ["--strategy", "full", "--feature-level", "3"]),
+     ("test_resnet", ["--strategy", "frozen", "--all-levels"])],
+    ids=["frozen", "full", "all-levels"],
 )
 def test_fit_writes_a_run(image_folder, tmp_path, backbone, strategy_args):
     data = shutil.copytree(image_folder, tmp_path / "data")
@@ -60,6 +61,7 @@ def test_fit_writes_a_run(image_folder, tmp_path, backbone, strategy_args):
     assert (plan["backbone"], plan["strategy"], plan["weights"], plan["image_size"]) == (
         backbone, strategy_args[1], "random", 32,
     )
+    assert plan["all_levels"] is ("--all-levels" in strategy_args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] >= 5 / 6
     assert ("finetune_val_accuracy" in metrics["stages"]) is finetuned

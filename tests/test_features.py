@@ -22,7 +22,7 @@ from autotransfer.features import (
     weights_id,
 )
 from autotransfer.plan import Plan
-from autotransfer.strategies import Preprocessing, build_net
+from autotransfer.strategies import ALL_LEVELS, Preprocessing, build_net
 from conftest import CLASSES, photo
 
 
@@ -153,3 +153,19 @@ def test_one_pass_caches_every_level_as_the_truncated_network_computes_it(arch, 
         torch.testing.assert_close(feats, direct, rtol=1e-3, atol=1e-4)
         assert torch.equal(labels, direct_labels)
     assert cache_feature_levels(spec, plan, scan, cached, progress=False) == []  # all on disk: no pass
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_vit"])
+def test_one_pass_caches_the_all_levels_features_too(arch, image_folder):
+    spec = get_backbone(arch)
+    plan = Plan(arch, weights="random", image_size=32, all_levels=True)
+    scan = scan_folder(image_folder)
+    cached = cache_feature_levels(spec, plan, scan, [None], progress=False, all_levels=True)
+    assert ALL_LEVELS in cached
+    net = build_net(spec, plan, len(CLASSES))
+    prep = Preprocessing.for_plan(spec, plan)
+    feats, labels, reused = cached_features(net, scan, "train", prep, arch, weights_id(spec, "random", 0), ALL_LEVELS, progress=False)
+    assert reused
+    direct, direct_labels = extract_features(net, scan.splits["train"], prep, progress=False)
+    torch.testing.assert_close(feats, direct, rtol=1e-3, atol=1e-4)
+    assert torch.equal(labels, direct_labels) and feats.shape[1] == sum(net.dims)

@@ -27,6 +27,8 @@ def test_defaults_are_a_valid_frozen_plan():
         ({"lr": 0.0}, r"lr must be positive, but got 0.0"),
         ({"backbone_lr_ratio": -0.5}, r"backbone_lr_ratio must be positive, but got -0.5"),
         ({"image_size": 8}, r"image_size must be at least 16 px, but got 8"),
+        ({"all_levels": True, "strategy": "full"}, r"all_levels .* needs strategy 'frozen' and no feature_level, but got strategy 'full'"),
+        ({"all_levels": True, "feature_level": 2}, r"all_levels .* but got strategy 'frozen', feature_level 2"),
     ],
 )
 def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):

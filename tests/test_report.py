@@ -89,7 +89,9 @@ def test_search_run_report(search_run: Path, search_report: Path) -> None:
     knn = [p for p in report["curve"] if p["source"] == "profile-knn"]
     assert sorted(p["cut"] for p in knn) == list(range(1, groups + 1))
     heads = [p for p in report["curve"] if p["source"] == "trial-head"]
-    assert {p["trial"] for p in heads} == {t["number"] for t in trials if t["state"] == "COMPLETE"}
+    one_depth = {t["number"] for t in trials if t["state"] == "COMPLETE" and not t["all_levels"]}
+    assert {p["trial"] for p in heads} == one_depth  # a head on every level at once has no depth
+    assert [t["all_levels"] for t in trials].count(True) == 1  # the rules' second Plan
     for p in report["curve"]:
         assert 0 <= p["cut"] <= groups and 0.0 <= p["accuracy"] <= 1.0
         if p["source"] == "trial-finetune":

@@ -97,7 +97,7 @@ def test_uncalibrated_distance_is_not_read_as_far(profile: Profile) -> None:
 def test_plans_are_unique_and_valid(profile: Profile) -> None:
     for per_class in (5, 50, 5000):
         plans = rank_plans(shaped(profile, per_class=per_class), BASE)
-        keys = [(p.strategy, p.cut, p.feature_level) for p in plans]
+        keys = [(p.strategy, p.cut, p.feature_level, p.all_levels) for p in plans]
         assert len(keys) == len(set(keys))
         assert all(p.reasons for p in plans)
 
@@ -157,3 +157,11 @@ def test_plans_across_backbones_lead_with_one_and_try_the_others(profile: Profil
     assert others[1].strategy == "frozen"  # and its best frozen extractor: one more pass over the data
     assert all(any(r.startswith("other backbone test_resnet") for r in p.reasons) for p in others)
     assert rank_plans_across_backbones(profiles[:1], {}, BASE) == own  # one backbone: its own ranking
+
+
+def test_every_level_at_once_is_tried_second(profile: Profile) -> None:
+    for per_class in (5, 50, 5000):
+        plans = rank_plans(shaped(profile, per_class=per_class), BASE)
+        assert [p.all_levels for p in plans].index(True) == 1
+        assert sum(p.all_levels for p in plans) == 1
+        assert plans[1].strategy == "frozen" and "every feature level at once" in " ".join(plans[1].reasons)

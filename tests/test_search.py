@@ -89,6 +89,7 @@ def config(storage: str, trials: int | None = 6, heartbeat_seconds: int = 10) ->
         replace(BASE, strategy="partial", cut=2),
         replace(BASE, strategy="partial", cut=1, feature_level=2),
         replace(BASE, strategy="full", bn_mode="train", epochs=4),
+        replace(BASE, strategy="frozen", all_levels=True),
     ],
 )
 def test_params_round_trip(plan: Plan) -> None:

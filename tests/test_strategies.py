@@ -10,7 +10,7 @@ from torch import nn
 from autotransfer.backbones import get_backbone
 from autotransfer.errors import PlanError
 from autotransfer.plan import Plan
-from autotransfer.strategies import Preprocessing, TransferNet, build_net, describe_backbone
+from autotransfer.strategies import LEVEL_NORM, MultiLevelNet, Preprocessing, TransferNet, build_net, describe_backbone
 
 # timm's coarse groups written out by hand (stem first), the oracle for --cut
 GROUPS = {
@@ -279,3 +279,38 @@ def test_describe_backbone_reports_depth_coordinates():
     row = describe_backbone(get_backbone("test_vit"))
     assert (row["groups"], row["levels"], row["package"]) == (7, 6, "autotransfer")
     assert 0.1 < row["params_m"] < 1.0
+
+
+# ---------------------------------------------------------------- every level at once
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_levels_reads_every_level_and_trains_only_its_head(arch):
+    net = build_net(get_backbone(arch), Plan(arch, weights="random", image_size=32, all_levels=True), num_classes=3)
+    assert isinstance(net, MultiLevelNet)
+    model = net.model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=list(range(len(model.feature_info))))
+        expected = [m.mean(dim=(2, 3)) for m in maps] + [model.forward_head(final, pre_logits=True)]
+        torch.testing.assert_close(net.features(x), torch.cat(expected, dim=1))
+    assert net.dims == [int(e.shape[1]) for e in expected]
+    assert not any(p.requires_grad for p in model.parameters())
+    net.train()
+    assert not any(m.training for m in model.modules())  # the backbone stays in eval mode
+    one_backward(net)
+    assert {name for name, p in net.named_parameters() if p.grad is not None} == {"classifier.1.weight", "classifier.1.bias"}
+
+
+def test_all_levels_weighs_every_level_the_same():
+    net = build_net(get_backbone("test_resnet"), Plan("test_resnet", weights="random", image_size=32, all_levels=True), 3)
+    with torch.no_grad():
+        features = net.features(torch.randn(16, 3, 32, 32) * 3 + 1)
+    net.set_standardisation(features)
+    standardised = net.classifier[0](features)
+    torch.testing.assert_close(standardised.mean(dim=0), torch.zeros(standardised.shape[1]), atol=1e-4, rtol=0)
+    start = 0
+    for dim in net.dims:  # each level: mean squared norm LEVEL_NORM^2 over the training images
+        level = standardised[:, start:start + dim]
+        assert float(level.pow(2).sum(dim=1).mean()) == pytest.approx(LEVEL_NORM ** 2, rel=1e-3)
+        start += dim
