@@ -118,6 +118,13 @@ def test_all_levels_model_file_predicts_what_the_run_measured(all_levels_run, sp
     plain = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
     plain.load_state_dict(payload["state_dict"])  # the backbone is still a plain timm model
     model, classes, prep = load_model(all_levels_run)
+    x = torch.randn(3, 3, prep.input_size, prep.input_size)
+    with torch.no_grad():  # the README's recipe, with timm alone
+        final, maps = plain.eval().forward_intermediates(x, indices=list(range(len(plain.feature_info))))
+        features = torch.cat([m.mean(dim=(2, 3)) for m in maps] + [plain.forward_head(final, pre_logits=True)], dim=1)
+        head = payload["all_levels_head"]
+        logits = ((features - head["0.mean"]) * head["0.scale"]) @ head["1.weight"].T + head["1.bias"]
+        torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-4)
     metrics = json.loads((all_levels_run / "metrics.json").read_text())
     report = evaluate_records(all_levels_run, scan_folder(split_folder).splits["val"], classes)
     assert report["confusion_matrix"] == metrics["val"]["confusion_matrix"]

@@ -14,12 +14,16 @@ from autotransfer.rules import THRESHOLDS, facts, rank_backbones, rank_plans, ra
 BASE = Plan("test_efficientnet", weights="random")
 
 
-@pytest.fixture(scope="module")
-def profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Profile:
+def tiny_profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, backbone: str) -> Profile:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
-        return profile_dataset(image_folder, "test_efficientnet", "random", image_size=64, progress=False)
+        return profile_dataset(image_folder, backbone, "random", image_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Profile:
+    return tiny_profile(tmp_path_factory, image_folder, "test_efficientnet")
 
 
 def shaped(profile: Profile, per_class: float, distance: float | None = 0.8, imbalance: float = 1.0,
@@ -121,10 +125,7 @@ def test_frozen_extractors_are_tried_at_every_level_near_the_best_knn(profile: P
 
 @pytest.fixture(scope="module")
 def resnet_profile(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> Profile:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AUTOTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
-        return profile_dataset(image_folder, "test_resnet", "random", image_size=64, progress=False)
+    return tiny_profile(tmp_path_factory, image_folder, "test_resnet")
 
 
 def with_knn(profile: Profile, knn: float) -> Profile:
