@@ -286,11 +286,13 @@ def run_recipe(recipe: Recipe, scan: DatasetScan, out: Path) -> dict:
 
 def run_autotransfer(
     scan: DatasetScan, base: Plan, out: Path, trials: int | None = None, max_images: int = 400,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, optional_backbones: list[str] | None = None,
 ) -> dict:
     """What `autotransfer fit DATA` does (profile -> rules -> search -> adopt), timed.
 
-    With `trials` None the budget is the CLI's default (`selector.default_budget`).
+    With `trials` None the budget is the CLI's default (`selector.default_budget`). The
+    grid trains one backbone, so by default the search does too; `optional_backbones`
+    adds candidates as `fit` does (`selector.default_backbones`).
     """
     from autotransfer.search import SearchConfig, default_storage
     from autotransfer.profile import save_profiles
@@ -299,14 +301,16 @@ def run_autotransfer(
     empty_feature_cache()
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    (profile,), plans = profile_and_rank(scan, base, max_images, progress=False)  # the grid's backbone only
-    save_profiles([profile], out)
+    profiles, plans = profile_and_rank(
+        scan, base, max_images, progress=False, optional_backbones=optional_backbones, log=log,
+    )
+    save_profiles(profiles, out)
     profile_seconds = time.perf_counter() - start
     budget = None
     if trials is None:
         budget, _ = default_budget(scan, plans[0], time.perf_counter() - start)
     config = SearchConfig(
-        data=scan.root, storage=default_storage(out), backbones=[base.backbone],
+        data=scan.root, storage=default_storage(out), backbones=[p.backbone for p in profiles],
         base=replace(plans[0], reasons=[]),  # sampled trials see the data as the rules did (image size)
         trials=trials, time_budget=budget, seed=base.seed,
     )
@@ -324,7 +328,8 @@ def run_autotransfer(
         "chosen_plan": _plan_fields(plan),
         "ranked_plans": [describe(p) for p in plans],
         "reasons": plan.reasons,
-        "distance": profile.summary.distance,
+        "distance": profiles[0].summary.distance,
+        "backbones_profiled": [p.backbone for p in profiles],
     }
 
 

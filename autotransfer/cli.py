@@ -167,6 +167,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     from autotransfer.selector import default_budget, select_and_fit
 
     start = time.perf_counter()
+    _no_decided_options(options)
     candidates = _candidates(backbones, options["weights"])
     base = Plan(backbone=candidates[0][0], **options)
     out = out or Path("runs") / f"{data.resolve().name}-auto"
@@ -197,6 +198,17 @@ def _one_backbone(backbones: tuple[str, ...]) -> str:
             f"{' --backbone '.join(backbones)}); drop --strategy to let autotransfer choose among them"
         )
     return backbones[0] if backbones else DEFAULT_BACKBONE
+
+
+def _no_decided_options(options: dict) -> None:
+    """The depth options are what a decision chooses: taken silently, they would be lost."""
+    given = [f"--feature-level {options['feature_level']}"] if options["feature_level"] is not None else []
+    given += ["--all-levels"] if options["all_levels"] else []
+    if given:
+        raise click.UsageError(
+            f"{' and '.join(given)} fix part of a Plan, and without --strategy autotransfer decides that part "
+            f"itself; add --strategy frozen (or partial, full) to train exactly that, or drop {' and '.join(given)}"
+        )
 
 
 def _candidates(backbones: tuple[str, ...], weights: str) -> tuple[list[str], list[str]]:
@@ -267,6 +279,7 @@ def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: P
 
     `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
     """
+    _no_decided_options(options)
     candidates = _candidates(backbones, options["weights"])
     base = Plan(backbone=candidates[0][0], **options)
     scan = _scan(data, base)

@@ -82,7 +82,7 @@ def select_and_fit(
     rule_plans = cheap_first(rule_plans)
     scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
     start = time.monotonic()
-    warm_frozen_features(scan, rule_plans)
+    warm_frozen_features(scan, [plan for plan in rule_plans if plan.backbone == rule_plans[0].backbone])
     study = open_study(config)
     enqueue_plans(study, rule_plans, config.backbones)
     if config.trials is not None:
@@ -105,9 +105,13 @@ def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan) -> 
 
 
 def cheap_first(plans: list[Plan]) -> list[Plan]:
-    """Frozen Plans first, rank kept otherwise: they share one pass over the data and
-    then cost a linear head each, so a tight budget still sees every depth."""
-    return sorted(plans, key=lambda plan: plan.strategy != "frozen")
+    """The leading backbone's frozen Plans first, rank kept otherwise: they share one pass
+    over the data and then cost a linear head each, so a tight budget still sees every
+    depth. Another backbone's frozen Plan needs a pass of its own, so it keeps its rank
+    (behind the leading backbone's fine-tuning: a budget spent on passes of candidates
+    that the profile ranked lower would leave the leader untried)."""
+    lead = plans[0].backbone if plans else None
+    return sorted(plans, key=lambda plan: not (plan.strategy == "frozen" and plan.backbone == lead))
 
 
 def warm_frozen_features(scan: DatasetScan, plans: list[Plan]) -> None:

@@ -1,5 +1,5 @@
 """A whole `autotransfer fit DATA` (profile + rules + search within the default budget +
-adopting the winner) vs one full fine-tuning run of the same backbone on the same data.
+adopting the winner) vs one full fine-tuning run of the chosen backbone on the same data.
 
 Both start from the same scan (a seeded, stratified subsample of the training split, val
 untouched) and from an empty feature cache, at the same image size; the full fine-tune
@@ -7,7 +7,11 @@ is `fit --strategy full` with the default epochs. The profile's calibration refe
 computed once per backbone and kept across runs in real use, so it is warmed first and
 its one-time cost reported apart. Goal (issue 5): whole fit <= 3x one full fine-tune.
 
-    python benchmarks/bench_fit_overhead.py [DATA] [--per-class 25] [--image-size 128] [--repeats 1]
+Without --backbone the fit chooses among the installed backbones as `autotransfer fit`
+does (the others profiled only while the budget allows), and the full fine-tune it is
+compared with is of the backbone it chose; each pair runs the fit first.
+
+    python benchmarks/bench_fit_overhead.py [DATA] [--per-class 25] [--image-size 128] [--repeats 1] [--backbone NAME]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -28,6 +33,7 @@ from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample,
 from autotransfer.cli import quiet_frameworks
 from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
+from autotransfer.selector import default_backbones
 from autotransfer.train import fit
 
 from _results import machine, versions, write_result
@@ -39,7 +45,8 @@ DATASETS = Path(os.environ.get("AUTOTRANSFER_DATASETS", Path(__file__).resolve()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="?", default=DATASETS / "hymenoptera")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default=None,
+                        help="One backbone only [default: fit's choice among the installed backbones].")
     parser.add_argument("--per-class", type=int, default=25, help="Training images per class (seeded, stratified).")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -49,25 +56,29 @@ def main() -> int:
     quiet_frameworks()
 
     scan = subsample(scan_folder(args.data, 0.2, args.seed), args.per_class, args.seed)
-    base = Plan(args.backbone, image_size=args.image_size, seed=args.seed)
-    full_plan = Plan(args.backbone, "full", image_size=args.image_size, seed=args.seed)
+    default, *optional = [args.backbone] if args.backbone else default_backbones("pretrained")
+    base = Plan(default, image_size=args.image_size, seed=args.seed)
     pairs = []
     with tempfile.TemporaryDirectory(prefix="autotransfer-fit-overhead-") as work, use_cache(Path(work) / "cache"):
         work = Path(work)
-        calibration = warm_calibration(base)
+        calibration = sum(warm_calibration(replace(base, backbone=name)) for name in [default, *optional])
         for i in range(args.repeats):
+            auto = run_autotransfer(scan, base, work / f"auto-{i}", trials=None, log=print, optional_backbones=optional)
+            print(f"whole fit: {auto['seconds']:.1f} s (profiles of {', '.join(auto['backbones_profiled'])} "
+                  f"{auto['profile_seconds']:.1f} s, budget {auto['budget_seconds']:.0f} s, {auto['trials_run']} "
+                  f"trials) -> {auto['choice']}, val accuracy {auto['val_accuracy']:.4f}", flush=True)
+            chosen = auto["chosen_plan"]["backbone"]
+            full_plan = Plan(chosen, "full", image_size=args.image_size, seed=args.seed)
             empty_feature_cache()
             start = time.perf_counter()
             full = fit(scan, full_plan, work / f"full-{i}", progress=False, log=lambda _: None)
             full_s = time.perf_counter() - start
-            print(f"one full fine-tune: {full_s:.1f} s, val accuracy {full.metrics['val']['accuracy']:.4f}", flush=True)
-            auto = run_autotransfer(scan, base, work / f"auto-{i}", trials=None, log=print)
-            print(f"whole fit: {auto['seconds']:.1f} s (profile {auto['profile_seconds']:.1f} s, budget "
-                  f"{auto['budget_seconds']:.0f} s, {auto['trials_run']} trials) -> {auto['choice']}, "
-                  f"val accuracy {auto['val_accuracy']:.4f}", flush=True)
+            print(f"one full fine-tune of {chosen}: {full_s:.1f} s, val accuracy "
+                  f"{full.metrics['val']['accuracy']:.4f}", flush=True)
             pairs.append({
                 "full_finetune_s": round(full_s, 2), "full_val_accuracy": full.metrics["val"]["accuracy"],
                 "fit_s": auto["seconds"], "profile_s": auto["profile_seconds"], "budget_s": auto["budget_seconds"],
+                "backbones_profiled": auto["backbones_profiled"], "chosen_backbone": chosen,
                 "trials": auto["trials_run"], "choice": auto["choice"], "fit_val_accuracy": auto["val_accuracy"],
                 "ratio": round(auto["seconds"] / full_s, 3),
             })
@@ -78,7 +89,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "data": str(args.data), "per_class": args.per_class,
         "images": {split: len(records) for split, records in scan.splits.items()},
-        "backbone": args.backbone, "image_size": args.image_size, "full_finetune_epochs": full_plan.epochs,
+        "backbones": [default, *optional], "image_size": args.image_size, "full_finetune_epochs": Plan(default).epochs,
         "calibration_s_one_time": round(calibration, 2),
         "runs": pairs, "ratio": ratio, "goal": GOAL, "passed": ratio <= GOAL,
         **machine(), "versions": versions(torch, timm, pl, optuna),

@@ -254,3 +254,21 @@ def test_selection_rules_replay_the_grid_from_each_runs_val_predictions(tiny_ben
     missing = subprocess.run([sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "x")],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+
+
+def test_autotransfer_row_can_choose_among_backbones_as_fit_does(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench_fit_overhead times the default fit, which profiles the other installed backbones too."""
+    from autotransfer.bench import run_autotransfer
+    from autotransfer.search import SearchConfig
+
+    monkeypatch.setattr("autotransfer.selector.PROFILE_SHARE", 1e9)  # whatever this machine's speed
+    base = Plan(**{**FAST, "backbone": "test_efficientnet"})
+    row = run_autotransfer(scan_folder(image_folder), base, tmp_path / "run", trials=2, max_images=24,
+                           log=lambda _: None, optional_backbones=["test_resnet"])
+    assert row["backbones_profiled"][0] == row["chosen_plan"]["backbone"]
+    assert sorted(row["backbones_profiled"]) == ["test_efficientnet", "test_resnet"]
+    assert sorted(SearchConfig.load(tmp_path / "run").backbones) == ["test_efficientnet", "test_resnet"]
+    assert sorted(p.name for p in (tmp_path / "run" / "profiles").glob("*.json")) == [
+        "test_efficientnet.json", "test_resnet.json"]

@@ -236,6 +236,15 @@ def test_usage_errors_exit_2():
     assert "Invalid value for '--strategy'" in result.output
 
 
+@pytest.mark.parametrize("command", ["fit", "plan"])
+@pytest.mark.parametrize("option", [["--feature-level", "2"], ["--all-levels"]])
+def test_depth_options_without_strategy_are_usage_errors(command, option, image_folder):
+    """A decision picks the depth itself: a given one would be silently dropped."""
+    result = run(command, image_folder, *option)
+    assert result.exit_code == 2, result.output
+    assert f"{option[0]}" in result.output and "add --strategy frozen" in result.output
+
+
 def test_version():
     assert ok("--version").stdout.strip() == f"autotransfer, version {__version__}"
 

@@ -203,6 +203,10 @@ def test_cheap_first_runs_frozen_plans_first_and_keeps_the_rank_otherwise() -> N
     ordered = cheap_first(plans)
     assert [(p.strategy, p.feature_level) for p in ordered] == [
         ("frozen", None), ("frozen", 2), ("partial", None), ("full", None)]
+    other = Plan("test_efficientnet", "frozen")  # its features need a pass of their own
+    ordered = cheap_first([Plan("test_resnet", "partial", cut=2), other, Plan("test_resnet", "frozen")])
+    assert [(p.backbone, p.strategy) for p in ordered] == [
+        ("test_resnet", "frozen"), ("test_resnet", "partial"), ("test_efficientnet", "frozen")]
 
 
 def test_warmed_features_are_what_every_frozen_trial_reads(image_folder: Path, tmp_path: Path) -> None:
@@ -214,6 +218,28 @@ def test_warmed_features_are_what_every_frozen_trial_reads(image_folder: Path, t
         lines: list[str] = []
         fit(scan, plan, tmp_path / str(plan.feature_level), progress=False, log=lines.append)
         assert "features: reused from cache" in lines, (plan.feature_level, lines)
+
+
+def test_only_the_leading_backbones_features_are_warmed_before_the_search(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warming every candidate's features up front spent a 3-minute budget before trial 1."""
+    import autotransfer.selector as selector
+    from autotransfer.search import SearchConfig, default_storage
+
+    warmed: list[str] = []
+    real = selector.cache_feature_levels
+    monkeypatch.setattr(selector, "cache_feature_levels",
+                        lambda spec, plan, *a, **k: warmed.append(plan.backbone) or real(spec, plan, *a, **k))
+    plans = [Plan(**{**FAST, "backbone": name, "strategy": "frozen"}) for name in ("test_resnet", "test_efficientnet")]
+    run = tmp_path / "run"
+    config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=[p.backbone for p in plans],
+                          base=plans[0], trials=2, seed=0)
+    selector.select_and_fit(config, run, plans, log=lambda _: None)
+    assert warmed == ["test_resnet"]
+    with (run / "leaderboard.csv").open() as f:  # the other computed its own features in its trial
+        assert {(row["backbone"], row["state"]) for row in csv.DictReader(f)} == {
+            ("test_resnet", "COMPLETE"), ("test_efficientnet", "COMPLETE")}
 
 
 def test_default_budget_is_three_full_finetunes_less_what_is_spent(image_folder: Path) -> None:
