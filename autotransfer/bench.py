@@ -376,9 +376,11 @@ def bench_cell(
         batch_size=settings.batch_size, seed=settings.seed,
     )
     split = heldout_split(sub)
+    heldout_from_val = split == "test" and not has_test_folder(scan)
     counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
     log(f"[{name} {size_label}] train {counts['train']}, val {counts['val']}"
-        + (f", test {counts['test']}" if "test" in counts else "") + f"; held-out: {split}")
+        + (f", test {counts['test']}" if "test" in counts else "")
+        + f"; held-out: {'half of val' if heldout_from_val else split}")
     rows = []
     cell_dir = out / "runs" / name / ("all" if per_class is None else f"{per_class}")
     for recipe, kinds in cell_recipes(base, settings):
@@ -407,7 +409,7 @@ def bench_cell(
     cell = {
         "dataset": name, "path": scan.root, "per_class": per_class, "size": size_label,
         "images": counts, "classes": len(scan.classes), "heldout": split,
-        "heldout_from_val": split == "test" and not has_test_folder(scan),
+        "heldout_from_val": heldout_from_val,
         "image_size": base.image_size, "rows": rows,
     }
     return score_cell(cell)

@@ -137,7 +137,7 @@ def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]
     report = json.loads((out / "bench.json").read_text())
     (cell,) = report["cells"]
     assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
-    assert cell["heldout_from_val"] is False  # the folder has its own test/
+    assert cell["heldout_from_val"] is False and "; held-out: test" in output  # the folder has its own test/
     names = [r["recipe"] for r in cell["rows"]]
     # quick grid on 6 groups: frozen at every level and the top; fine-tuned from the middle and full
     assert names == ["frozen-top", "keras-two-stage", "fastai-fine-tune", "plain-full-ft",
