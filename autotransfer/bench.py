@@ -294,9 +294,9 @@ def run_autotransfer(
     grid trains one backbone, so by default the search does too; `optional_backbones`
     adds candidates as `fit` does (`selector.default_backbones`).
     """
-    from autotransfer.search import SearchConfig, default_storage
+    from autotransfer.search import default_storage
     from autotransfer.profile import save_profiles
-    from autotransfer.selector import default_budget, profile_and_rank, select_and_fit
+    from autotransfer.selector import default_budget, profile_and_rank, search_config, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
@@ -309,11 +309,7 @@ def run_autotransfer(
     budget = None
     if trials is None:
         budget, _ = default_budget(scan, plans[0], time.perf_counter() - start)
-    config = SearchConfig(
-        data=scan.root, storage=default_storage(out), backbones=[p.backbone for p in profiles],
-        base=replace(plans[0], reasons=[]),  # sampled trials see the data as the rules did (image size)
-        trials=trials, time_budget=budget, seed=base.seed,
-    )
+    config = search_config(scan.root, default_storage(out), profiles, plans, trials, budget)
     plan = select_and_fit(config, out, plans, scan=scan, log=lambda line: log(f"    {line}"))
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
@@ -329,7 +325,7 @@ def run_autotransfer(
         "ranked_plans": [describe(p) for p in plans],
         "reasons": plan.reasons,
         "distance": profiles[0].summary.distance,
-        "backbones_profiled": [p.backbone for p in profiles],
+        "backbones_profiled": config.backbones,
     }
 
 

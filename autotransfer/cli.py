@@ -162,9 +162,9 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
         _echo_result(result.metrics, result.seconds, out)
         return
 
-    from autotransfer.search import SearchConfig, default_storage, parse_duration
+    from autotransfer.search import default_storage, parse_duration
     from autotransfer.profile import save_profiles
-    from autotransfer.selector import default_budget, select_and_fit
+    from autotransfer.selector import default_budget, search_config, select_and_fit
 
     start = time.perf_counter()
     _no_decided_options(options)
@@ -180,11 +180,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     if budget is None and trials is None:
         budget, one_full = default_budget(scan, plans[0], time.perf_counter() - start)
         click.echo(f"search budget: {budget:.0f}s (whole fit within 3x one estimated full fine-tune of {one_full:.0f}s)")
-    config = SearchConfig(
-        data=str(data.resolve()), storage=storage or default_storage(out), backbones=[p.backbone for p in profiles],
-        base=replace(plans[0], reasons=[]),  # sampled trials see the data as the rules did
-        trials=trials, time_budget=budget, seed=base.seed,
-    )
+    config = search_config(str(data.resolve()), storage or default_storage(out), profiles, plans, trials, budget)
     plan = select_and_fit(config, out, plans, scan=scan, log=click.echo)
     metrics = json.loads((out / "metrics.json").read_text())
     _echo_result(metrics, time.perf_counter() - start, out)

@@ -70,6 +70,18 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
     return run
 
 
+def search_config(
+    data: str, storage: str, profiles: list[Profile], plans: list[Plan],
+    trials: int | None, time_budget: float | None,
+) -> SearchConfig:
+    """The search over what the rules ranked: among the profiled backbones, with sampled
+    trials seeing the data as the rules did (image size, seed)."""
+    return SearchConfig(
+        data=data, storage=storage, backbones=[profile.backbone for profile in profiles],
+        base=replace(plans[0], reasons=[]), trials=trials, time_budget=time_budget, seed=plans[0].seed,
+    )
+
+
 def select_and_fit(
     config: SearchConfig, run_dir: Path, rule_plans: list[Plan],
     scan: DatasetScan | None = None, log: Callable[[str], None] = print,
