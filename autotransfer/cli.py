@@ -81,10 +81,10 @@ _PLAN_OPTIONS = [
     click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
     click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone."),
     click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),
-    click.option("--head-epochs", type=int, default=60, help="Epochs of the linear head on cached features."),
     click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full)."),
-    click.option("--lr", type=float, default=1e-3, help="Learning rate of the head."),
+    click.option("--lr", type=float, default=1e-3, help="Learning rate of the head while fine-tuning (the linear probe before it tunes its own penalty by cross-validation)."),
     click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr."),
+    click.option("--refit/--no-refit", default=True, show_default=True, help="frozen: when DATA has no val/, refit the cross-validated probe on train and val together (val scores are then out-of-fold)."),
     click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data)."),
     click.option("--batch-size", type=int, default=32),
     click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/."),
@@ -113,8 +113,8 @@ def _echo_plans(plans: list[Plan]) -> None:
               help="Skip the decision: frozen (head on cached features), partial (fine-tune above --cut) or full. [default: autotransfer decides]")
 @_plan_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Run a saved plan.json (other plan options are ignored).")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="Search: number of trials (rule Plans first).")
-@click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h. [default: the whole fit within 3x one estimated full fine-tune (at least 10s of search), unless --trials is given]")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Search: number of trials (the rules' best N first, then sampled ones). [default: every frozen Plan the rules rank and their first 3 fine-tuning Plans]")
+@click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h (an upper bound: the decision then depends on how fast the machine is). [default: none; the count of --trials]")
 @click.option("--storage", default=None, help="Search: Optuna storage URL, e.g. postgresql://user@host/db, shared with `autotransfer worker`. [default: sqlite in RUN]")
 @click.option("--max-images", type=click.IntRange(min=2), default=400, help="Search: images the profile forwards (a stratified sample).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted search in --out RUN.")
@@ -164,7 +164,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
 
     from autotransfer.search import default_storage, parse_duration
     from autotransfer.profile import save_profiles
-    from autotransfer.selector import default_budget, search_config, select_and_fit
+    from autotransfer.selector import search_config, select_and_fit
 
     start = time.perf_counter()
     _no_decided_options(options)
@@ -177,9 +177,6 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     save_profiles(profiles, out)
     _echo_plans(plans)
     budget = parse_duration(time_budget) if time_budget else None
-    if budget is None and trials is None:
-        budget, one_full = default_budget(scan, plans[0], time.perf_counter() - start)
-        click.echo(f"search budget: {budget:.0f}s (whole fit within 3x one estimated full fine-tune of {one_full:.0f}s)")
     config = search_config(str(data.resolve()), storage or default_storage(out), profiles, plans, trials, budget)
     plan = select_and_fit(config, out, plans, scan=scan, log=click.echo)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -225,7 +222,7 @@ def _profile_and_rank(scan, base: Plan, max_images: int, progress: bool, candida
 
     named, optional = candidates
     if len(named) + len(optional) > 1:
-        click.echo(f"profiling backbones: {', '.join(named)}" + (f"; if the budget allows, {', '.join(optional)}" if optional else ""))
+        click.echo(f"profiling backbones: {', '.join([*named, *optional])}")
     profiles, plans = profile_and_rank(scan, base, max_images, progress, named, optional, log=click.echo)
     for profile in profiles:
         distance = profile.summary.distance
@@ -432,15 +429,14 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--per-class", "per_class", multiple=True, default=("10", "50", "all"),
               help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
 @click.option("--quick", is_flag=True,
-              help="CPU-sized: 64 px, 30 head / 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, val and test at 50/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget. Options below override it.")
+              help="CPU-sized: 64 px, 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, a dataset's own val/ and the held-out images at 50/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget; every table says so. Options below override it.")
 @click.option("--backbone", default=DEFAULT_BACKBONE, help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
-@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else the rules' choice per dataset].")
-@click.option("--head-epochs", type=click.IntRange(min=1), default=None, help="Linear-head epochs [default: 30 with --quick, else 60].")
+@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else what fit chooses per dataset: 128 for images under 96 px, else the backbone's].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of every recipe [default: 2 with --quick, else 6].")
 @click.option("--lr", type=float, default=None, help="Head learning rate of every recipe [default: 1e-3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: none; the default time budget of `fit`].")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: fit's default count; never a time budget].")
 @click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
 @click.option("--uncapped", is_flag=True, help="With --quick: keep every image of train, val and test (quick epochs and resolution, full size).")
@@ -450,12 +446,16 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
           uncapped: bool, out: Path, no_progress: bool, **options) -> None:
     """Compare autotransfer's choice with fixed recipes and a per-depth grid on DATA...
 
-    For every dataset and every --per-class size: a frozen extractor, the Keras guide's
-    two stages, fastai's fine_tune, plain fine-tuning without a linear probe, the grid
-    (frozen at each feature level and the top; LP-FT from each cut and full), and
-    autotransfer (profile -> rules -> search). Reports held-out accuracy (on test/, else on
-    a stratified half of val/ that nothing selects on), macro-F1, wall time and regret
-    against the grid's best.
+    For every dataset and every --per-class size: a scikit-learn linear probe at every
+    grid depth and on all levels at once (standardised features, multinomial logistic
+    regression, C by stratified 5-fold CV on train+val, refit on all: the CLIP/VTAB
+    protocol), the real fastai fine_tune (pip install 'autotransfer[peers]'; else its row
+    says "not installed"), a frozen extractor, the Keras guide's two stages, plain
+    fine-tuning without a linear probe, the grid (frozen at each feature level and the
+    top; LP-FT from each cut and full), and autotransfer (profile -> rules -> search, no
+    time budget). Held-out images: test/, else all of val/ (the selection split is then
+    drawn from train), else 25% of the class folders. Reports held-out accuracy, macro-F1,
+    wall time, and the regret against the cell's best row with its paired standard error.
 
     \b
     OUT/bench.md    the tables

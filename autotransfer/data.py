@@ -56,7 +56,8 @@ class DatasetScan:
     classes: list[str]
     splits: dict[str, list[ImageRecord]]
     skipped: list[SkippedFile] = field(default_factory=list)
-    layout: str = "splits"  # "splits" or "class-folders" (validation split drawn by us)
+    layout: str = "splits"  # "splits" or "class-folders"
+    val_drawn: bool = False  # val was drawn from train by us (no val/ folder): a frozen fit refits on both
 
     def content_hash(self, split: str) -> str:
         """Hash of the split's file contents and labels: changes iff the data changes."""
@@ -207,6 +208,7 @@ def scan_folder(
         scan.splits["train"], scan.splits["val"] = stratified_split(
             scan.splits["train"], val_fraction, seed
         )
+        scan.val_drawn = True
     return scan
 
 

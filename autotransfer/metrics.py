@@ -23,6 +23,13 @@ def balanced_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(per_class[present].mean()) if bool(present.any()) else float("nan")
 
 
+def balanced_accuracy_of(predicted: list[int], targets: list[int]) -> float:
+    """balanced_accuracy of class predictions rather than logits."""
+    p, t = torch.as_tensor(predicted, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
+    recalls = [float((p[t == c] == c).double().mean()) for c in t.unique()]
+    return sum(recalls) / len(recalls) if recalls else float("nan")
+
+
 def classification_report(
     logits: torch.Tensor, targets: torch.Tensor, classes: list[str]
 ) -> dict:
@@ -63,3 +70,19 @@ def balanced_accuracy_gap_se(predicted_a: list[int], predicted_b: list[int], tar
         float(gap[t == c].var()) / int((t == c).sum()) for c in classes if int((t == c).sum()) > 1
     )
     return variance ** 0.5 / len(classes)
+
+
+def accuracy_gap_se(predicted_a: list[int], predicted_b: list[int], targets: list[int]) -> float:
+    """Standard error of accuracy(a) - accuracy(b) on the same images (paired).
+
+    The SE of the mean of d = correct_a - correct_b over the images (sample standard
+    deviation / sqrt(n)): images both get right, or both wrong, add no noise. 0 when a
+    and b never disagree, or on a single image.
+    """
+    a, b, t = (torch.as_tensor(x, dtype=torch.long) for x in (predicted_a, predicted_b, targets))
+    if not (a.shape == b.shape == t.shape) or t.numel() == 0:
+        raise ValueError(f"need predictions for the same images, but got {a.numel()}, {b.numel()} and {t.numel()} targets")
+    if t.numel() < 2:
+        return 0.0
+    gap = (a == t).double() - (b == t).double()
+    return float(gap.std() / t.numel() ** 0.5)

@@ -33,15 +33,19 @@ class Plan:
     bn_mode: str = "frozen"
     weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
     image_size: int | None = None  # None: the backbone's pretrained input size
-    head_epochs: int = 60  # linear head on cached features (every strategy starts here)
+    # Every strategy starts from a linear probe on cached features (its penalty chosen by
+    # cross-validation, `autotransfer.probe`); these are the fine-tuning stage's settings.
     epochs: int = 6  # fine-tuning epochs (partial/full)
-    lr: float = 1e-3  # head learning rate
+    lr: float = 1e-3  # head learning rate while fine-tuning
     backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio
     weight_decay: float = 1e-4
     class_weighting: bool = False  # inverse-frequency loss weights for imbalanced classes
     # partial/full: train the linear head on cached features first (LP-FT). False starts
     # fine-tuning from a random head, as plain fine-tuning does (a baseline for benchmarks).
     lp_init: bool = True
+    # frozen: when autotransfer drew val from train (no val/ folder), refit the probe on
+    # train and val together after cross-validating on them
+    refit: bool = True
     batch_size: int = 32
     val_fraction: float = 0.2
     seed: int = 0
@@ -65,7 +69,7 @@ class Plan:
                 f"all_levels reads every feature level of a frozen backbone; it needs strategy 'frozen' "
                 f"and no feature_level, but got strategy '{self.strategy}', feature_level {self.feature_level}"
             )
-        for name in ("head_epochs", "batch_size"):
+        for name in ("batch_size",):
             if getattr(self, name) < 1:
                 raise PlanError(f"{name} must be at least 1, but got {getattr(self, name)}")
         for name in ("epochs",):
@@ -85,11 +89,11 @@ class Plan:
     def _check_types(self) -> None:
         """plan.json is edited by hand: say which value has the wrong type, and how."""
         kinds = {
-            int: ("head_epochs", "epochs", "batch_size", "seed"),
+            int: ("epochs", "batch_size", "seed"),
             (int, type(None)): ("cut", "feature_level", "image_size"),
             (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction"),
             str: ("backbone", "strategy", "bn_mode", "weights"),
-            bool: ("all_levels", "class_weighting", "lp_init"),
+            bool: ("all_levels", "class_weighting", "lp_init", "refit"),
             list: ("reasons",),
         }
         for kind, names in kinds.items():
@@ -112,6 +116,8 @@ class Plan:
             raise PlanError(f"plan file '{path}' not found") from None
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan file '{path}' is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data.pop("head_epochs", None)  # plans from before the probe replaced the SGD head
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -127,6 +133,6 @@ def describe(plan: Plan) -> str:
     depth = "every feature level" if plan.all_levels else "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
     what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
             "full": "full fine-tuning"}[plan.strategy]
-    return f"{plan.backbone}, {what} at {depth}, lr {plan.lr:.2g}" + (
-        f", {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
+    return f"{plan.backbone}, {what} at {depth}" + (
+        f", lr {plan.lr:.2g}, {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
     )

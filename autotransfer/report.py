@@ -743,7 +743,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
         blocks.append(("p", f"<b>{r.decision}</b>"))
         if r.plan.reasons:
             blocks.append(("list", r.plan.reasons))
-        keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "weights", "image_size", "head_epochs",
+        keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "weights", "image_size",
                 "epochs", "lr", "backbone_lr_ratio", "weight_decay", "class_weighting", "lp_init", "batch_size", "seed"]
         plan = asdict(r.plan)
         blocks.append(("table", ["plan field", "value"], [[k, _fmt(plan[k], ".3g")] for k in keys if k in plan]))

@@ -180,8 +180,8 @@ def plan_from_params(params: dict, base: Plan) -> Plan:
         cut=cut,
         feature_level=level,
         all_levels=all_levels,
-        lr=params.get("lr", base.lr),
-        weight_decay=params.get("weight_decay", base.weight_decay),
+        lr=params["lr"] if tuned and "lr" in params else base.lr,
+        weight_decay=params["weight_decay"] if tuned and "weight_decay" in params else base.weight_decay,
         class_weighting=params.get("class_weighting", base.class_weighting),
         backbone_lr_ratio=params.get("backbone_lr_ratio", base.backbone_lr_ratio) if tuned else base.backbone_lr_ratio,
         epochs=params.get("epochs", base.epochs) if tuned else base.epochs,
@@ -196,8 +196,6 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
     params: dict = {
         "strategy": plan.strategy,
         "levels_below_top": 0 if plan.feature_level is None else levels - plan.feature_level,
-        "lr": plan.lr,
-        "weight_decay": plan.weight_decay,
         "class_weighting": plan.class_weighting,
     }
     if len(backbones) > 1:
@@ -209,7 +207,8 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
         params["trained_groups"] = groups - plan.cut
     if plan.strategy != "frozen":
         params.update(
-            backbone_lr_ratio=plan.backbone_lr_ratio, epochs=plan.epochs, bn_mode=plan.bn_mode
+            lr=plan.lr, weight_decay=plan.weight_decay,
+            backbone_lr_ratio=plan.backbone_lr_ratio, epochs=plan.epochs, bn_mode=plan.bn_mode,
         )
     return params
 
@@ -221,14 +220,14 @@ def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
         params["backbone"] = trial.suggest_categorical("backbone", backbones)
     params["strategy"] = trial.suggest_categorical("strategy", ["frozen", "partial", "full"])
     params["levels_below_top"] = trial.suggest_int("levels_below_top", 0, MAX_LEVELS_BELOW_TOP)
-    params["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-    params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     params["class_weighting"] = trial.suggest_categorical("class_weighting", [False, True])
     if params["strategy"] == "frozen" and all_levels_supported(params.get("backbone", backbones[0])):
         params["all_levels"] = trial.suggest_categorical("all_levels", [False, True])
     if params["strategy"] == "partial":
         params["trained_groups"] = trial.suggest_int("trained_groups", 1, MAX_TRAINED_GROUPS)
-    if params["strategy"] != "frozen":
+    if params["strategy"] != "frozen":  # a frozen probe tunes its own penalty by CV
+        params["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
         params["backbone_lr_ratio"] = trial.suggest_float("backbone_lr_ratio", 0.01, 0.5, log=True)
         params["epochs"] = trial.suggest_int("epochs", 2, 10)
         params["bn_mode"] = trial.suggest_categorical("bn_mode", ["frozen", "train"])
@@ -270,8 +269,13 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         trial.set_user_attr("val_accuracy", metrics["val"]["accuracy"])
         trial.set_user_attr("macro_f1", metrics["val"]["macro_f1"])
         trial.set_user_attr("val_loss", metrics["val"].get("loss"))
+        trial.set_user_attr("val_balanced_accuracy", metrics["val"]["balanced_accuracy"])
         if "val_predictions" in metrics:
             trial.set_user_attr("val_predictions", metrics["val_predictions"])
+        if "cv" in metrics:  # a frozen Plan: judged by its probe's CV on every labelled image
+            cv = metrics["cv"]
+            trial.set_user_attr("cv_predictions", {"predicted": cv["predicted"], "target": cv["target"]})
+            return cv["balanced_accuracy"]
         return metrics["val"]["balanced_accuracy"]
 
     return objective
@@ -322,27 +326,59 @@ def _score_key(t: optuna.trial.FrozenTrial) -> tuple:
             t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0))
 
 
-def gap_standard_error(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> float:
-    """Standard error of the gap between two trials' val balanced accuracies (0 where either
-    trial did not record its val predictions, or they were made on different images)."""
-    pa, pb = a.user_attrs.get("val_predictions"), b.user_attrs.get("val_predictions")
+def gap_standard_error(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial, on: str = "val_predictions") -> float:
+    """Standard error of the gap between two trials' balanced accuracies on the same images
+    (`on`: "val_predictions", or "cv_predictions" between frozen trials); 0 where either
+    trial did not record them, or they were made on different images."""
+    pa, pb = a.user_attrs.get(on), b.user_attrs.get(on)
     if not pa or not pb or pa["target"] != pb["target"]:
         return 0.0
     return balanced_accuracy_gap_se(pa["predicted"], pb["predicted"], pa["target"])
 
 
+def is_frozen(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.user_attrs.get("plan", {}).get("strategy") == "frozen"
+
+
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The trial to adopt: the best of the rules' Plans on val, unless a sampled trial
-    leads it by more than SAMPLED_LEAD_STANDARD_ERRORS."""
+    """The trial to adopt.
+
+    Frozen trials are ranked by their probe's cross-validated balanced accuracy on every
+    labelled image, fine-tuned ones by val balanced accuracy; within each, the best of the
+    rules' Plans wins unless a sampled trial leads it by more than
+    SAMPLED_LEAD_STANDARD_ERRORS. The best fine-tuned trial then replaces the best frozen
+    one only if it is better on the same images, the val split (the frozen trial's
+    out-of-fold predictions there).
+    """
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AutotransferError("no trial finished; raise --trials or --time-budget")
-    top = max(complete, key=_score_key)
-    from_rules = [t for t in complete if t.user_attrs.get("reasons")]
+    frozen = _best_of([t for t in complete if is_frozen(t)], "cv_predictions")
+    tuned = _best_of([t for t in complete if not is_frozen(t)], "val_predictions")
+    if frozen is None or tuned is None:
+        return frozen or tuned
+    return tuned if finetuning_wins(tuned, frozen) else frozen
+
+
+def finetuning_wins(tuned: optuna.trial.FrozenTrial, frozen: optuna.trial.FrozenTrial) -> bool:
+    """Higher val balanced accuracy than the frozen trial on the same val images; a tie
+    keeps the frozen one (cheaper, and its head saw more images)."""
+    return _val_score(tuned) > _val_score(frozen)
+
+
+def _val_score(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.user_attrs.get("val_balanced_accuracy", trial.value)
+
+
+def _best_of(trials: list[optuna.trial.FrozenTrial], on: str) -> optuna.trial.FrozenTrial | None:
+    if not trials:
+        return None
+    top = max(trials, key=_score_key)
+    from_rules = [t for t in trials if t.user_attrs.get("reasons")]
     if not from_rules or top.user_attrs.get("reasons"):
         return top
     prior = max(from_rules, key=_score_key)
-    real_lead = top.value - prior.value > SAMPLED_LEAD_STANDARD_ERRORS * gap_standard_error(top, prior)
+    real_lead = top.value - prior.value > SAMPLED_LEAD_STANDARD_ERRORS * gap_standard_error(top, prior, on)
     return top if real_lead else prior
 
 
@@ -368,6 +404,36 @@ def write_leaderboard(study: optuna.Study, path: Path) -> None:
         writer.writerows(sorted(rows, key=lambda r: (r["val_balanced_accuracy"] is None, -(r["val_balanced_accuracy"] or 0))))
 
 
+def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
+    """How the search decided, in one sentence with its numbers and their noise."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    family = [t for t in complete if is_frozen(t) == is_frozen(best)]
+    on = "cv_predictions" if is_frozen(best) else "val_predictions"
+    score = "cross-validated balanced accuracy" if is_frozen(best) else "val balanced accuracy"
+    why = f"won the search: trial {best.number} of {len(study.trials)}, {score} {best.value:.4f}"
+    top = max(family, key=_score_key)
+    if top.number != best.number:
+        why += (
+            f", kept over sampled trial {top.number} ({top.value:.4f}): a lead within "
+            f"{SAMPLED_LEAD_STANDARD_ERRORS:g} standard error of the gap ({gap_standard_error(top, best, on):.4f}) is noise"
+        )
+    else:
+        runner_up = max((t for t in family if t.number != best.number), key=_score_key, default=None)
+        if runner_up is not None:
+            why += f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})"
+    other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)],
+                     "val_predictions" if is_frozen(best) else "cv_predictions")
+    if other is not None:
+        tuned, frozen = (other, best) if is_frozen(best) else (best, other)
+        verdict = "beat" if best is tuned else "did not beat"
+        why += (
+            f"; fine-tuned trial {tuned.number} {verdict} frozen trial {frozen.number} on the same val images: "
+            f"{_val_score(tuned):.4f} vs {_val_score(frozen):.4f} balanced accuracy, "
+            f"paired standard error {gap_standard_error(tuned, frozen):.4f}"
+        )
+    return why
+
+
 def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.FrozenTrial]:
     """Copy the best trial's model and metrics to RUN/ and write plan.json with the why."""
     best = best_trial(study)
@@ -375,19 +441,7 @@ def adopt_best(study: optuna.Study, run_dir: Path) -> tuple[Plan, optuna.trial.F
     for name in ("model.pt", "metrics.json", "scan.json"):
         if (trial_dir / name).is_file():
             shutil.copy2(trial_dir / name, run_dir / name)
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    top = max(complete, key=_score_key)
-    why = f"won the search: trial {best.number} of {len(study.trials)} with val balanced accuracy {best.value:.4f}"
-    if top.number != best.number:
-        why += (
-            f", kept over sampled trial {top.number} ({top.value:.4f}): a lead within "
-            f"{SAMPLED_LEAD_STANDARD_ERRORS:g} standard error of the gap ({gap_standard_error(top, best):.4f} on "
-            "these val images) is noise"
-        )
-    else:
-        runner_up = max((t for t in complete if t.number != best.number), key=_score_key, default=None)
-        if runner_up is not None:
-            why += f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})"
+    why = _why(study, best)
     reasons = [*best.user_attrs.get("reasons", []), why]
     plan = Plan(**{**best.user_attrs["plan"], "reasons": reasons})
     plan.save(run_dir / "plan.json")

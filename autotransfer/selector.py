@@ -35,14 +35,9 @@ from autotransfer.train import fit
 if TYPE_CHECKING:
     import optuna
 
-# Each candidate costs a profile (one pass over at most --max-images images) and a few
-# timed steps before the search starts.
+# Each candidate costs a profile (one pass over at most --max-images images) before the
+# search starts: measured on 2 CPU cores, 35-120 s at 400 images of 224-260 px.
 MAX_DEFAULT_BACKBONES = 3
-# Installed backbones beyond the default are profiled only while all profiles together
-# stay within this share of 3 estimated full fine-tunes (the default fit): measured on 2
-# CPU cores, one profile took 35-120 s (400 images at 224-260 px) against fits of ~400 s
-# on hymenoptera (one profile only) and ~5,000 s on flowers (all three).
-PROFILE_SHARE = 0.15
 
 
 def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | None = None) -> Callable:
@@ -88,10 +83,15 @@ def select_and_fit(
 ) -> Plan:
     """Search (rule Plans first), then put the best trial's model and plan into RUN."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
-    if config.trials is not None:  # the rules' best N, whatever they cost
+    if config.trials is None and config.time_budget is None:  # the default: a count, not a clock
+        rule_plans = default_plans(rule_plans)
+        config = replace(config, trials=len(rule_plans))
+        log(f"search: {len(rule_plans)} trials, the rules' Plans ({sum(p.strategy != 'frozen' for p in rule_plans)} fine-tuned); "
+            "--trials or --time-budget for more")
+    elif config.trials is not None:  # the rules' best N, whatever they cost
         rule_plans = rule_plans[: config.trials]
     rule_plans = cheap_first(rule_plans)
+    config.save(run_dir)
     scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
     start = time.monotonic()
     warm_frozen_features(scan, [plan for plan in rule_plans if plan.backbone == rule_plans[0].backbone])
@@ -168,32 +168,18 @@ def profile_and_rank(
     backbones: list[str] | None = None, optional_backbones: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Profile], list[Plan]]:
-    """Profile the data for each backbone named (default: the base Plan's) and for each of
-    `optional_backbones` while the profiles stay within PROFILE_SHARE of the default
-    budget, then let the rules rank backbones and Plans. The leading backbone's profile
-    comes first."""
-    start = time.perf_counter()
-
-    def profile(name: str) -> Profile:
-        return profile_dataset(
+    """Profile the data for each backbone named (default: the base Plan's) and each of
+    `optional_backbones` (the other installed ones), then let the rules rank backbones and
+    Plans. The leading backbone's profile comes first. Nothing here depends on how fast
+    the machine is: backbones are costed in FLOPs, not seconds."""
+    profiles = [
+        profile_dataset(
             scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
             val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
         )
-
-    profiles = [profile(name) for name in backbones or [base.backbone]]
-    optional = list(optional_backbones or [])
-    if optional:
-        one_full = estimate_full_finetune_seconds(scan, rank_plans(profiles[0], base)[0])
-        allowance = PROFILE_SHARE * FIT_COST_IN_FULL_FINETUNES * one_full
-        while optional and time.perf_counter() - start + max(p.seconds for p in profiles) <= allowance:
-            profiles.append(profile(optional.pop(0)))
-        if optional:
-            log(f"not profiled: {', '.join(optional)} (another profile, ~{max(p.seconds for p in profiles):.0f}s, "
-                f"would take the profiles past {PROFILE_SHARE:.0%} of 3 estimated full fine-tunes, {allowance:.0f}s); "
-                "name them with --backbone to compare them anyway")
-    costs = {} if len(profiles) == 1 else {
-        p.backbone: estimate_full_finetune_seconds(scan, rank_plans(p, base)[0]) for p in profiles
-    }
+        for name in dict.fromkeys([*(backbones or [base.backbone]), *(optional_backbones or [])])
+    ]
+    costs = {} if len(profiles) == 1 else {p.backbone: forward_flops(rank_plans(p, base)[0]) for p in profiles}
     plans = rank_plans_across_backbones(profiles, costs, base)
     profiles.sort(key=lambda p: p.backbone != plans[0].backbone)
     return profiles, plans
@@ -212,46 +198,31 @@ def default_backbones(weights: str) -> list[str]:
     return [DEFAULT_BACKBONE, *installed][:MAX_DEFAULT_BACKBONES]
 
 
-# The whole fit (profile + search + adopt) may cost this many full fine-tunes (issue 4).
-FIT_COST_IN_FULL_FINETUNES = 3.0
-# The share of that the search may plan on: the last trial overruns the deadline by its
-# linear probe, the winner then gets its test pass, and the step-time estimate is noisy on a busy machine.
-BUDGET_SAFETY = 0.85
-# Where a full fine-tune takes seconds (tens of images, low resolution), fixed costs per
-# trial (building the model, a Trainer, the val pass) would leave the search time for
-# two frozen trials; this floor lets the rules' Plans run. It binds only below ~5 s runs.
-MIN_SEARCH_SECONDS = 10.0
+# Without --trials or --time-budget the search runs every frozen Plan the rules ranked
+# (each a linear probe on the shared feature pass) and at most this many of their
+# fine-tuning Plans, in rank order: a count, so the same data and seed give the same
+# decision on an idle or a loaded machine. Three full fine-tunes was the cost goal of
+# issue 4 (the whole fit within 3x one full fine-tune).
+MAX_DEFAULT_FINETUNES = 3
 
 
-def default_budget(scan: DatasetScan, plan: Plan, spent: float) -> tuple[float, float]:
-    """(search budget, one estimated full fine-tune) in seconds, given `spent` so far."""
-    one_full = estimate_full_finetune_seconds(scan, plan)
-    budget = BUDGET_SAFETY * FIT_COST_IN_FULL_FINETUNES * one_full - spent
-    return max(MIN_SEARCH_SECONDS, budget), one_full
+def default_plans(plans: list[Plan]) -> list[Plan]:
+    """What a search without a budget of the user's runs: every frozen Plan, and the
+    first MAX_DEFAULT_FINETUNES fine-tuning ones, rank kept."""
+    tuned = [plan for plan in plans if plan.strategy != "frozen"][:MAX_DEFAULT_FINETUNES]
+    return [plan for plan in plans if plan.strategy == "frozen" or any(plan is t for t in tuned)]
 
 
-def estimate_full_finetune_seconds(scan: DatasetScan, plan: Plan) -> float:
-    """What one full fine-tuning run of `plan` would cost here, from a few timed steps.
+@torch.no_grad()
+def forward_flops(plan: Plan) -> float:
+    """FLOPs of one image through `plan`'s backbone at its input size: what backbones are
+    ranked by cost with (timed steps would make the ranking follow the machine's load)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    The default search budget is a multiple of this, so it follows the machine, the
-    backbone and the data size.
-    """
     spec = get_backbone(plan.backbone)
-    full = replace(plan, strategy="full", cut=None, all_levels=False, reasons=[])
-    net = build_net(spec, full, len(scan.classes)).train()
+    full = replace(plan, strategy="full", cut=None, feature_level=None, all_levels=False, reasons=[])
+    net = build_net(spec, full, 2).eval()
     size = Preprocessing.for_plan(spec, full).input_size
-    images = torch.randn(8, 3, size, size)
-    labels = torch.zeros(8, dtype=torch.long)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
-    timings = []
-    for _ in range(4):  # the first step pays for warm-up; the fastest of the rest counts:
-        start = time.perf_counter()  # other load only adds time, and a spike here would
-        optimizer.zero_grad()  # set the whole budget (the quick bench saw 14x of one run)
-        torch.nn.functional.cross_entropy(net(images), labels).backward()
-        optimizer.step()
-        timings.append((time.perf_counter() - start) / len(images))
-    train_per_image = min(timings[1:])
-    eval_per_image = train_per_image / 3  # forward only
-    n_train, n_val = len(scan.splits["train"]), len(scan.splits["val"])
-    features = (n_train + n_val) * eval_per_image
-    return features + plan.epochs * (n_train * train_per_image + n_val * eval_per_image)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())

@@ -36,6 +36,7 @@ from autotransfer.features import (
 )
 from autotransfer.metrics import balanced_accuracy, classification_report
 from autotransfer.plan import Plan
+from autotransfer.probe import ProbeFit, fit_probe
 from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, build_net
 
 
@@ -201,7 +202,9 @@ def fit(
     fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
     Fine-tuning stops after `max_seconds` of the whole run (a search's time budget),
     keeping the best epoch so far. A search's trials skip test/ (`evaluate_test`): only the
-    adopted winner is scored there.
+    adopted winner is scored there. A frozen Plan's probe is cross-validated on train and
+    val together and, where the tool drew val itself, refit on both (unless `plan.refit`
+    is off); its val scores are then the out-of-fold ones.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -219,13 +222,12 @@ def fit(
     def save() -> None:
         save_model(out / MODEL_FILE, net, spec.architecture, plan.feature_level, classes, prep)
 
-    def save_interrupted(stage: str, task: ClassifierTask | None) -> None:
+    def save_interrupted(stage: str, accuracy: float | None, balanced: float | None) -> None:
         """Ctrl-C: keep the best weights so far and say what they are, so nothing is lost."""
         save()
-        found = task is not None and task.best_score >= 0
         (out / "metrics.json").write_text(json.dumps({
             "interrupted": stage,
-            "val": {"accuracy": task.best_acc if found else None, "balanced_accuracy": task.best_score if found else None},
+            "val": {"accuracy": accuracy, "balanced_accuracy": balanced},
             "seconds": round(time.perf_counter() - start, 2), "versions": _versions(),
         }, indent=2) + "\n")
 
@@ -233,6 +235,7 @@ def fit(
     level = ALL_LEVELS if plan.all_levels else plan.feature_level  # what the features are cached as
     stages: dict[str, float] = {}  # val accuracy and balanced accuracy after each stage
     kept: str | None = None  # after fine-tuning: which stage's weights were kept, "head" or "finetuned"
+    metrics_cv: dict | None = None  # frozen: the probe's cross-validation on every labelled image
     if plan.lp_init:
         features = {
             split: cached_features(
@@ -243,36 +246,34 @@ def fit(
         reused = all(reuse for _, _, reuse in features.values())
         log(f"features: {'reused from cache' if reused else 'computed and cached'}")
         (train_f, train_y, _), (val_f, val_y, _) = features["train"], features["val"]
-        if isinstance(net, MultiLevelNet):
-            net.set_standardisation(train_f)
-
-        weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
-        head_task = ClassifierTask(
-            net.classifier, [{"params": list(net.classifier.parameters()), "lr": plan.lr}],
-            plan.head_epochs, plan.weight_decay, weights,
-        )
-
-        def head_interrupted() -> None:
-            head_task.restore_best()
-            save_interrupted("head", head_task)
-
-        trainer = _trainer(out, "head", plan.head_epochs, [OnInterrupt(head_interrupted)], progress)
-        with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
-            trainer.fit(
-                head_task,
-                _feature_batches(train_f, train_y, max(plan.batch_size, 64), True, plan.seed),
-                _feature_batches(val_f, val_y, 1024, False, plan.seed),
-            )
-        head_task.restore_best()
-        val_logits = head_task.best_logits
-        head_score = head_task.best_score
-        log(f"linear head on features: val accuracy {head_task.best_acc:.4f}, balanced {head_score:.4f}")
+        if plan.strategy == "frozen":  # the probe is the model: chosen and scored by CV on every labelled image
+            pool_f, pool_y = torch.cat([train_f, val_f]), torch.cat([train_y, val_y])
+            in_train = torch.arange(len(pool_y)) < len(train_y)
+            refit = scan.val_drawn and plan.refit
+            probe = probe_head(net, pool_f, pool_y, plan, len(classes), fit_on=None if refit else in_train)
+            # refit: the head saw val, so its honest val scores are the out-of-fold ones
+            val_logits = probe.cv_logits[~in_train] if refit else _logits(net.classifier, val_f)
+            metrics_cv = {
+                "balanced_accuracy": probe.cv_balanced_accuracy, "accuracy": probe.cv_accuracy,
+                "n": len(pool_y), "folds": probe.folds, "C": probe.C, "refit": refit,
+                "predicted": probe.cv_logits.argmax(1).tolist(), "target": pool_y.tolist(),
+            }
+            head_score = probe.cv_balanced_accuracy
+            log(f"linear probe (C {probe.C:.2g}, {probe.folds}-fold CV on {len(pool_y)} images): "
+                f"accuracy {probe.cv_accuracy:.4f}, balanced {head_score:.4f}"
+                + (", refit on all of them" if refit else ""))
+        else:  # LP-FT: the probe on train only, so that val can judge the fine-tuning
+            probe = probe_head(net, train_f, train_y, plan, len(classes))
+            val_logits = _logits(net.classifier, val_f)
+            head_score = balanced_accuracy(val_logits, val_y)
+            log(f"linear probe on features (C {probe.C:.2g}): val balanced accuracy {head_score:.4f}")
         if report:
             report(0, head_score)
-        stages["head_val_accuracy"] = head_task.best_acc
-        stages["head_val_balanced_accuracy"] = head_score
+        stages["head_val_accuracy"] = float((val_logits.argmax(1) == val_y).float().mean())
+        stages["head_val_balanced_accuracy"] = balanced_accuracy(val_logits, val_y)
+        weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
     else:  # plain fine-tuning from a random head: no features, nothing to fall back to
-        reused, head_task, head_score = False, None, -1.0
+        reused, head_score = False, -1.0
         train_y, val_y = (torch.tensor([r.label for r in scan.splits[s]], dtype=torch.long) for s in ("train", "val"))
         weights = class_weights(train_y, len(classes)) if plan.class_weighting else None
         log("no linear probe first (lp_init false): fine-tuning starts from a random head")
@@ -295,8 +296,10 @@ def fit(
             return "head"
 
         def finetune_interrupted() -> None:
-            stage = keep_better_stage()
-            save_interrupted("finetune", ft_task if stage == "finetuned" else head_task)
+            if keep_better_stage() == "finetuned":
+                save_interrupted("finetune", ft_task.best_acc, ft_task.best_score)
+            else:
+                save_interrupted("finetune", stages.get("head_val_accuracy"), stages.get("head_val_balanced_accuracy"))
 
         trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left)
         train_loader = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True, plan.seed)
@@ -318,6 +321,7 @@ def fit(
     save()
 
     metrics = {
+        **({"cv": metrics_cv} if metrics_cv else {}),
         "val": classification_report(val_logits, val_y, classes),
         # per image, so a search can tell a real lead from noise (metrics.balanced_accuracy_gap_se)
         "val_predictions": {"predicted": val_logits.argmax(1).tolist(), "target": val_y.tolist()},
@@ -343,6 +347,37 @@ def fit(
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return FitResult(str(out), plan, metrics, reused, seconds)
+
+
+def probe_head(
+    net: TransferNet | MultiLevelNet, feats: torch.Tensor, labels: torch.Tensor, plan: Plan, num_classes: int,
+    fit_on: torch.Tensor | None = None,
+) -> ProbeFit:
+    """Fit `net`'s classifier as the cross-validated linear probe on cached features.
+
+    A MultiLevelNet standardises each level to the same norm first (its own first layer):
+    the probe's per-feature standardisation would give a level of 1,280 features 80 times
+    the say of one of 16.
+    """
+    if isinstance(net, MultiLevelNet):
+        net.set_standardisation(feats if fit_on is None else feats[fit_on])
+        with torch.no_grad():
+            feats = net.classifier[0](feats.to(net.classifier[0].mean.device)).cpu()
+        layer, standardise = net.classifier[1], False
+    else:
+        layer, standardise = net.classifier, True
+    probe = fit_probe(feats, labels, num_classes, plan.class_weighting, plan.seed,
+                      standardise=standardise, fit_on=fit_on)
+    with torch.no_grad():
+        layer.weight.copy_(probe.weight)
+        layer.bias.copy_(probe.bias)
+    return probe
+
+
+@torch.no_grad()
+def _logits(classifier: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    device = next(classifier.parameters()).device
+    return classifier(feats.to(device)).float().cpu()
 
 
 @torch.inference_mode()

@@ -24,10 +24,10 @@ COLOURS = {"red": (215, 35, 35), "green": (35, 195, 55), "blue": (35, 55, 215)}
 CLASSES = sorted(COLOURS)
 IMAGE_PX = 40
 FAST = dict(  # Plan fields for a quick run on the tiny folders
-    weights="random", image_size=32, head_epochs=10, epochs=1, lr=0.02, batch_size=8
+    weights="random", image_size=32, epochs=1, lr=0.02, batch_size=8
 )
 FAST_CLI = [
-    "--weights", "random", "--image-size", "32", "--head-epochs", "10", "--epochs", "1",
+    "--weights", "random", "--image-size", "32", "--epochs", "1",
     "--lr", "0.02", "--batch-size", "8", "--no-progress",
 ]
 
@@ -172,7 +172,7 @@ def truncated_run(tmp_path_factory, split_folder: Path) -> Path:
     """A finished run classifying from feature level 2 of test_resnet, fine-tuned above cut 1."""
     return _fit_session_run(
         tmp_path_factory, split_folder, "truncated", backbone="test_resnet",
-        strategy="partial", cut=1, feature_level=2, head_epochs=30,  # level 2 learns slower
+        strategy="partial", cut=1, feature_level=2,
     )
 
 

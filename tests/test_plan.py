@@ -21,7 +21,6 @@ def test_defaults_are_a_valid_frozen_plan():
         ({"strategy": "partial"}, r"strategy 'partial' needs a cut: --cut N"),
         ({"cut": 2}, r"--cut 2 only applies to strategy 'partial', not 'frozen'"),
         ({"strategy": "full", "cut": 3}, r"--cut 3 only applies to strategy 'partial', not 'full'"),
-        ({"head_epochs": 0}, r"head_epochs must be at least 1, but got 0"),
         ({"batch_size": -4}, r"batch_size must be at least 1, but got -4"),
         ({"epochs": -1}, r"epochs must be at least 0, but got -1"),
         ({"lr": 0.0}, r"lr must be positive, but got 0.0"),
@@ -39,7 +38,7 @@ def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):
 def test_plan_round_trips_through_json(tmp_path):
     plan = Plan(
         "test_vit", strategy="partial", cut=3, feature_level=4, bn_mode="train", weights="random",
-        image_size=48, head_epochs=7, epochs=2, lr=0.05, seed=11, reasons=["small data"],
+        image_size=48, epochs=2, lr=0.05, seed=11, reasons=["small data"],
     )
     plan.save(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["cut"] == 3

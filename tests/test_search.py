@@ -33,7 +33,7 @@ from autotransfer.search import (
 )
 
 BACKBONE = "test_efficientnet"
-BASE = Plan(BACKBONE, weights="random", head_epochs=1, epochs=1)
+BASE = Plan(BACKBONE, weights="random", epochs=1)
 
 
 def fake_accuracy(plan: Plan) -> float:
@@ -349,6 +349,17 @@ RULE_CORRECT = set(range(80))
 CHALLENGERS = {"close": set(range(83)), "scattered": set(range(17, 100))}
 
 
+def scored(correct: set[int], cv: bool) -> dict:
+    """Metrics of a trial right on the `correct` val images (and, frozen, its CV on them)."""
+    predicted = [t if i in correct else 1 - t for i, t in enumerate(VAL_TARGETS)]
+    score = len(correct) / len(VAL_TARGETS)  # = balanced accuracy: 50 images per class
+    metrics = {"val": {"accuracy": score, "balanced_accuracy": score, "macro_f1": score, "loss": 1.0, "n": 100},
+               "val_predictions": {"predicted": predicted, "target": VAL_TARGETS}}
+    if cv:
+        metrics["cv"] = {"balanced_accuracy": score, "accuracy": score, "predicted": predicted, "target": VAL_TARGETS}
+    return metrics
+
+
 @pytest.mark.parametrize("challenger, sampled_wins", [("close", True), ("scattered", False)])
 def test_a_sampled_trial_displaces_the_rules_only_by_more_than_one_standard_error(
     tmp_path: Path, challenger: str, sampled_wins: bool
@@ -356,22 +367,50 @@ def test_a_sampled_trial_displaces_the_rules_only_by_more_than_one_standard_erro
     cfg = config(":memory:", trials=None)
     study = open_study(cfg)
     rule = replace(BASE, strategy="frozen", feature_level=3, reasons=["rule"])
+    sampled = replace(BASE, strategy="frozen", feature_level=2)
     enqueue_plans(study, [rule], cfg.backbones)
+    study.enqueue_trial(params_from_plan(sampled, cfg.backbones), user_attrs={"queued": True})  # no reasons: sampled
 
     def trial(plan: Plan, trial_dir: Path, report) -> dict:
-        correct = RULE_CORRECT if plan == replace(rule, reasons=[]) else CHALLENGERS[challenger]
-        predicted = [t if i in correct else 1 - t for i, t in enumerate(VAL_TARGETS)]
-        score = len(correct) / len(VAL_TARGETS)  # = balanced accuracy: 50 images per class
         trial_dir.mkdir(parents=True, exist_ok=True)
-        return {"val": {"accuracy": score, "balanced_accuracy": score, "macro_f1": score, "loss": 1.0, "n": 100},
-                "val_predictions": {"predicted": predicted, "target": VAL_TARGETS}}
+        return scored(RULE_CORRECT if plan.feature_level == 3 else CHALLENGERS[challenger], cv=True)
 
-    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=3)
+    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=2)
     assert {t.value for t in study.trials} == {0.80, 0.83}
     plan, best = adopt_best(study, tmp_path)
     assert (best.user_attrs.get("reasons") is None) == sampled_wins
     if not sampled_wins:
         assert any("is noise" in reason for reason in plan.reasons)
+
+
+@pytest.mark.parametrize("tuned_correct, tuned_wins", [(set(range(81)), True), (set(range(80)), False)])
+def test_fine_tuning_replaces_the_best_frozen_trial_only_if_better_on_the_same_val_images(
+    tmp_path: Path, tuned_correct: set[int], tuned_wins: bool
+) -> None:
+    """Frozen trials compete on their CV score over every labelled image; the best one
+    meets the best fine-tuned trial on the val images both were scored on (its
+    out-of-fold predictions there). A tie keeps the frozen one."""
+    cfg = config(":memory:", trials=None)
+    study = open_study(cfg)
+    frozen_cv_high = replace(BASE, strategy="frozen", feature_level=3, reasons=["rule"])
+    frozen_cv_low = replace(BASE, strategy="frozen", feature_level=2, reasons=["rule"])
+    tuned = replace(BASE, strategy="full", reasons=["rule"])
+    enqueue_plans(study, [frozen_cv_high, frozen_cv_low, tuned], cfg.backbones)
+
+    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        if plan.strategy != "frozen":
+            return scored(tuned_correct, cv=False)
+        metrics = scored(RULE_CORRECT, cv=True)  # 0.80 on val images for both frozen trials
+        metrics["cv"]["balanced_accuracy"] = 0.9 if plan.feature_level == 3 else 0.7
+        return metrics
+
+    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=3)
+    plan, best = adopt_best(study, tmp_path)
+    assert plan.strategy == ("full" if tuned_wins else "frozen")
+    if not tuned_wins:
+        assert plan.feature_level == 3 and best.value == 0.9  # the CV winner, not val's tie
+    assert any(("did not beat" if not tuned_wins else " beat frozen trial") in r for r in plan.reasons)
 
 
 def test_the_search_selects_on_balanced_accuracy_not_accuracy(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from statistics import mean
 
 import pytest
@@ -16,6 +17,7 @@ from autotransfer.checkpoint import load_model
 from autotransfer.data import scan_folder
 from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
 from autotransfer.plan import Plan
+from autotransfer.probe import fit_probe
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.features import weights_id
 from autotransfer.train import ClassifierTask, backbone_param_groups, finetune_wins, fit, predict_records
@@ -118,7 +120,7 @@ def test_fit_frozen_writes_a_complete_run(split_folder, tmp_path):
     result = fit(scan, plan, tmp_path / "run", progress=False, log=lines.append)
 
     run = tmp_path / "run"
-    for name in ("model.pt", "plan.json", "scan.json", "metrics.json", "logs/head/metrics.csv"):
+    for name in ("model.pt", "plan.json", "scan.json", "metrics.json"):
         assert (run / name).is_file(), name
     assert not (run / "logs" / "finetune").exists()
     assert Plan.load(run / "plan.json") == plan
@@ -131,6 +133,9 @@ def test_fit_frozen_writes_a_complete_run(split_folder, tmp_path):
     assert metrics["val"]["n"] == 6 and metrics["test"]["n"] == 6
     assert list(metrics["val"]["per_class_accuracy"]) == CLASSES
     assert metrics["stages"] == {"head_val_accuracy": 1.0, "head_val_balanced_accuracy": 1.0}
+    cv = metrics["cv"]  # the probe's cross-validation on train and val together
+    assert cv["n"] == 24 and len(cv["predicted"]) == len(cv["target"]) == 24 and cv["folds"] == 5
+    assert cv["refit"] is False  # val/ came with the data: it stays a validation set
     assert set(metrics["data_hash"]) == {"train", "val", "test"}
     assert metrics["features_reused"] is False and result.features_reused is False
     assert "features: computed and cached" in lines
@@ -287,3 +292,30 @@ def test_ctrl_c_during_fine_tuning_keeps_the_best_model_and_says_so(split_folder
     model, _, prep = load_model(tmp_path / "run")
     logits, labels = predict_records(model, scan.splits["val"], prep)
     assert float((logits.argmax(1) == labels).float().mean()) == pytest.approx(metrics["val"]["accuracy"])
+
+
+def test_frozen_fit_refits_the_probe_on_every_labelled_image_when_it_drew_val(image_folder, tmp_path):
+    scan = scan_folder(image_folder, val_fraction=0.25, seed=1)
+    assert scan.val_drawn
+    plan = Plan("test_efficientnet", **FAST)
+    refit = fit(scan, plan, tmp_path / "refit", progress=False, log=lambda _: None)
+    kept = fit(scan, replace(plan, refit=False), tmp_path / "kept", progress=False, log=lambda _: None)
+    assert refit.metrics["cv"]["refit"] is True and kept.metrics["cv"]["refit"] is False
+    # the same cross-validation (so the same C and the same out-of-fold val scores)...
+    assert refit.metrics["cv"] == {**kept.metrics["cv"], "refit": True}
+    # ...but the refit head is the probe fitted on train + val, the other on train alone
+    spec = get_backbone("test_efficientnet")
+    net = build_net(spec, plan, len(CLASSES))
+    prep = Preprocessing.for_plan(spec, plan)
+    feats = {s: cached_features(net, scan, s, prep, spec.architecture, weights_id(spec, "random", 0), None, progress=False)
+             for s in ("train", "val")}
+    pool_f = torch.cat([feats["train"][0], feats["val"][0]])
+    pool_y = torch.cat([feats["train"][1], feats["val"][1]])
+    everything = fit_probe(pool_f, pool_y, len(CLASSES))
+    train_only = fit_probe(pool_f, pool_y, len(CLASSES), fit_on=torch.arange(len(pool_y)) < len(feats["train"][1]))
+    for run, probe in (("refit", everything), ("kept", train_only)):
+        model, _, _ = load_model(tmp_path / run)
+        head = model.get_classifier()
+        assert torch.allclose(head.weight, probe.weight, atol=1e-5), run
+        assert torch.allclose(head.bias, probe.bias, atol=1e-5), run
+    assert not torch.allclose(everything.weight, train_only.weight, atol=1e-3)

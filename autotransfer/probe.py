@@ -1,0 +1,159 @@
+"""The linear probe: multinomial logistic regression on standardised features, its L2
+strength chosen by stratified k-fold cross-validation, then refit on every image given.
+
+This is the standard linear-probe protocol (CLIP, SimCLR, VTAB): a head trained to
+convergence with a tuned penalty, not a fixed number of SGD epochs with a fixed weight
+decay. It is the head of every frozen Plan and the LP stage of every LP-FT. The
+out-of-fold predictions it returns let the selector compare depths, backbones and
+fine-tuning on the same images, with a paired standard error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from autotransfer.metrics import balanced_accuracy_of
+
+# Inverse L2 strength (scikit-learn's C, loss summed over images) on standardised
+# features: from a penalty that keeps the head near zero to one that barely regularises.
+# Half-decade steps; the path is walked strong-to-weak with warm starts.
+C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 1, 11))
+MAX_FOLDS = 5
+MAX_ITER = 500
+LOG_ZERO = -1e4  # log-probability of a class a fold's head never saw
+
+
+@dataclass
+class ProbeFit:
+    """A fitted probe: the head on raw features (standardisation folded in) and what the
+    cross-validation said about it."""
+
+    C: float
+    weight: torch.Tensor  # classes x features, on raw (unstandardised) features
+    bias: torch.Tensor
+    folds: int
+    cv_logits: torch.Tensor  # out-of-fold log-probabilities of every image, at C
+    cv_balanced_accuracy: float
+    cv_accuracy: float
+    cv_scores: dict[float, float]  # C -> mean out-of-fold balanced accuracy
+
+    def linear(self) -> nn.Linear:
+        layer = nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            layer.bias.copy_(self.bias)
+        return layer
+
+
+def folds_for(labels: np.ndarray, max_folds: int = MAX_FOLDS) -> int:
+    """As many folds as the smallest class allows (each fold holds one of its images),
+    at most `max_folds`, at least 2."""
+    smallest = int(np.bincount(labels)[np.bincount(labels) > 0].min())
+    return max(2, min(max_folds, smallest))
+
+
+def _model(C: float, class_weighting: bool) -> LogisticRegression:
+    return LogisticRegression(
+        C=C, max_iter=MAX_ITER, tol=1e-4, warm_start=True,
+        class_weight="balanced" if class_weighting else None,
+    )
+
+
+def _fit_path(x: np.ndarray, y: np.ndarray, class_weighting: bool) -> list[LogisticRegression]:
+    """One model per C of C_GRID, strongest penalty first, each warm-started from the last."""
+    model, path = _model(C_GRID[0], class_weighting), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for C in C_GRID:
+            model.set_params(C=C)
+            model.fit(x, y)
+            path.append(_snapshot(model))
+    return path
+
+
+def _snapshot(model: LogisticRegression) -> LogisticRegression:
+    copy = LogisticRegression(**model.get_params())
+    copy.coef_, copy.intercept_, copy.classes_ = model.coef_.copy(), model.intercept_.copy(), model.classes_
+    return copy
+
+
+def fit_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, class_weighting: bool = False,
+    seed: int = 0, max_folds: int = MAX_FOLDS, standardise: bool = True,
+    fit_on: torch.Tensor | None = None,
+) -> ProbeFit:
+    """Cross-validate C over C_GRID on all of (features, labels), then fit the head at the
+    C with the best mean out-of-fold balanced accuracy (ties: the stronger penalty) on the
+    images `fit_on` selects (a boolean mask; default all of them).
+
+    `standardise` False: the features come standardised already (a MultiLevelNet's
+    per-level scaling, which per-feature standardisation would undo).
+    """
+    x = features.double().numpy()
+    y = labels.numpy().astype(int)
+    keep = np.ones(len(y), dtype=bool) if fit_on is None else fit_on.numpy().astype(bool)
+    mean, scale = x[keep].mean(0), x[keep].std(0)
+    if not standardise:
+        mean, scale = np.zeros_like(mean), np.ones_like(scale)
+    scale[scale < 1e-12] = 1.0  # constant features: left at zero after centring
+    z = (x - mean) / scale
+    basis = None
+    if len(z) < z.shape[1]:  # fewer images than features: fit in the span of the images
+        # (exact for an L2 penalty: the optimum lies there), many times faster
+        basis = np.linalg.svd(z - z.mean(0), full_matrices=False)[2].T
+        z = z @ basis
+    folds = folds_for(y, max_folds)
+    log_proba = np.zeros((len(C_GRID), len(y), num_classes), dtype=np.float32)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a class smaller than the folds
+        splits = list(splitter.split(z, y))
+    for train_idx, test_idx in splits:
+        for i, model in enumerate(_fit_path(z[train_idx], y[train_idx], class_weighting)):
+            log_proba[i, test_idx] = LOG_ZERO
+            log_proba[i][np.ix_(test_idx, model.classes_)] = model.predict_log_proba(z[test_idx])
+    predicted = log_proba.argmax(2)
+    scores = [balanced_accuracy_of(p.tolist(), y.tolist()) for p in predicted]
+    best = int(np.argmax(scores))  # first maximum: the strongest penalty among ties
+    final = _model(C_GRID[best], class_weighting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        final.fit(z[keep], y[keep])
+    weight, bias = _full_classes(final, num_classes)
+    if basis is not None:
+        weight = weight @ basis.T
+    weight = weight / scale  # fold the standardisation into the layer
+    bias = bias - weight @ mean
+    return ProbeFit(
+        C=C_GRID[best],
+        weight=torch.tensor(weight, dtype=torch.float32),
+        bias=torch.tensor(bias, dtype=torch.float32),
+        folds=folds,
+        cv_logits=torch.from_numpy(log_proba[best]),
+        cv_balanced_accuracy=scores[best],
+        cv_accuracy=float((predicted[best] == y).mean()),
+        cv_scores={c: s for c, s in zip(C_GRID, scores)},
+    )
+
+
+def _full_classes(model: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) with one row per class of the dataset. Binary problems have one
+    logit in scikit-learn; as two softmax logits it is (-w/2, +w/2). A class absent from
+    the images gets a logit that never wins."""
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2 and coef.shape[0] == 1:
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight = np.zeros((num_classes, coef.shape[1]))
+    bias = np.full(num_classes, LOG_ZERO)
+    weight[model.classes_] = coef
+    bias[model.classes_] = intercept
+    return weight, bias
