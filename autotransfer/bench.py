@@ -1,17 +1,31 @@
-"""`autotransfer bench`: autotransfer's choice against the recipes users pick by hand and
-against the per-depth grid, on each dataset at several training-set sizes.
+"""`autotransfer bench`: autotransfer's choice against independent references, the real
+fastai, the recipes users pick by hand and the per-depth grid, on each dataset at several
+training-set sizes.
 
-For each dataset and size (a seeded, stratified subsample of the training split; val and
-test untouched), every recipe of `autotransfer.recipes` and autotransfer's own choice
-(profile -> rules -> search, `autotransfer.selector`) runs through the same `train.fit`
-with the same seed, splits, image size and epochs. Each recipe starts from an empty
-feature cache, so its wall time includes the features it needs. Held-out accuracy is on
-test/ where the dataset has one, else on a stratified half of val/ set aside before
-anything runs (every recipe and the search select on the other half). Regret is in
-accuracy points below the best grid point on that split.
+Each cell is one dataset at one size (a seeded, stratified subsample of the labelled
+training images). Its rows, all on the same images, image size, seed and epochs:
 
-Output in OUT: bench.json (everything), bench.md (tables), bench.html (tables and plots,
-self-contained), and runs/ with each recipe's RUN folder (models deleted unless kept).
+- the **reference**: a scikit-learn linear probe at every depth the grid uses and on every
+  level at once (`autotransfer.references`: standardised features, multinomial
+  LogisticRegression, C by stratified k-fold CV on every labelled image, refit on all);
+- the **peer**: the real fastai `vision_learner` + `fine_tune` (`autotransfer.peers`; the
+  row says "not installed" without the `peers` extra);
+- the **fixed recipes** users pick from the guides, and the **grid** (frozen at each depth,
+  LP-FT from each cut and full), each through `train.fit`;
+- **autotransfer** itself (profile -> rules -> search -> adopt, `autotransfer.selector`),
+  with `fit`'s default budget: a count of trials, no wall clock.
+
+Held-out images judge every row and nothing selects on them: test/ where the dataset has
+one; else its val/, all of it (capped only in --quick, which says so); else a stratified
+quarter of the class folders. Without a val/ beside test/, the selection split is drawn
+from the cell's training images as `fit` draws it (`data.stratified_split`, `val_drawn`).
+Regret is in accuracy points below the cell's best row (every row but autotransfer), with
+the paired standard error of that difference on the held-out images; a difference counts
+as a win or a loss only beyond it.
+
+Output in OUT: bench.json (everything, with per-image held-out predictions), bench.md
+(tables), bench.html (tables and plots, self-contained), and runs/ with each recipe's RUN
+folder (models deleted unless kept).
 """
 
 from __future__ import annotations
@@ -36,14 +50,16 @@ from statistics import median
 from typing import Callable, Iterator
 
 from autotransfer import __version__
-from autotransfer.data import DatasetScan, ImageRecord, scan_folder
+from autotransfer.data import DatasetScan, ImageRecord, scan_folder, stratified_split
 from autotransfer.errors import DataError
 from autotransfer.plan import Plan, describe
-from autotransfer.recipes import AUTO, GRID, Recipe, auto_recipe, fixed_recipes, grid_recipes
+from autotransfer.recipes import AUTO, FIXED, GRID, PEER, REFERENCE, Recipe, auto_recipe, fixed_recipes, grid_recipes
 from autotransfer.rules import THRESHOLDS
 
-SCHEMA = "autotransfer.bench/1"
-WITHIN_POINTS = 1.0  # issue 4: the selector's pick must be within 1 point of the grid's best
+SCHEMA = "autotransfer.bench/2"
+WITHIN_POINTS = 1.0  # issue 4: the selector's pick must be within 1 point of the cell's best
+HOLDOUT_FRACTION = 0.25  # class folders only (no val/, no test/): the share held out before anything runs
+VAL_FOLDERS = ("val", "valid", "validation")  # what scan_folder reads as val/
 
 
 @dataclass
@@ -52,21 +68,21 @@ class BenchSettings:
 
     backbone: str = "efficientnet_lite0"
     weights: str = "pretrained"
-    image_size: int | None = None  # None: the rules' choice per dataset (128 px for small images, else the backbone's)
-    head_epochs: int = 60
+    image_size: int | None = None  # None: what fit chooses per dataset (128 px for small images, else the backbone's)
     epochs: int = 6
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
-    trials: int | None = None  # autotransfer's search; None: fit's default budget
+    trials: int | None = None  # autotransfer's search; None: fit's default (a count of trials, no clock)
     max_images: int = 400  # images the selector's profile forwards
     # Caps, as images per class on average (cap x classes in all, class proportions kept):
     train_cap: int | None = None  # what size "all" keeps of train
-    val_cap: int | None = None  # applied to val/ and test/ before anything runs
-    test_cap: int | None = None
-    levels: list[int | None] | None = None  # frozen grid: None = every feature level + top
+    val_cap: int | None = None  # applied to a dataset's own val/ (beside a test/) before anything runs
+    test_cap: int | None = None  # applied to the held-out images
+    levels: list[int | None] | None = None  # frozen grid and probes: None = every feature level + top
     cuts: list[int] | None = None  # fine-tuned grid: None = every cut (quick: the middle one)
     coarse_cuts: bool = False  # one cut in the middle of the groups (and full)
+    peers: bool = True  # run the real fastai beside the recipes (its row says when it is not installed)
     quick: bool = False
     keep_models: bool = False
 
@@ -75,8 +91,8 @@ class BenchSettings:
         """CPU-sized: 64 px, 2 fine-tuning epochs, hard caps, coarse grid; autotransfer
         searches within `fit`'s default budget, as a user's run would."""
         base = dict(
-            image_size=64, head_epochs=30, epochs=2, max_images=200,
-            train_cap=100, val_cap=50, test_cap=50, coarse_cuts=True, quick=True,
+            image_size=64, epochs=2, max_images=200,
+            train_cap=100, val_cap=50, test_cap=200, coarse_cuts=True, quick=True,
         )
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -85,27 +101,36 @@ class BenchSettings:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
 
     def describe(self) -> str:
-        size = f"{self.image_size} px" if self.image_size else "backbone's size (128 px for images under 96 px)"
+        size = f"{self.image_size} px" if self.image_size else f"what fit chooses ({THRESHOLDS.small_image_size} px for images under {THRESHOLDS.small_image_side} px, else the backbone's)"
         caps = []
         if self.train_cap:
             caps.append(f"size 'all' = at most {self.train_cap} train images/class on average")
         if self.val_cap:
-            caps.append(f"val capped at {self.val_cap}/class on average")
+            caps.append(f"a dataset's own val/ capped at {self.val_cap}/class on average")
         if self.test_cap:
-            caps.append(f"test capped at {self.test_cap}/class on average")
+            caps.append(f"held-out images capped at {self.test_cap}/class on average")
         if caps:
             caps[-1] += " (stratified, class proportions kept)"
         grid = "the middle cut (half the groups) and full" if self.coarse_cuts and self.cuts is None else (
             f"cuts {self.cuts} and full" if self.cuts is not None else "every cut and full")
         levels = "every feature level and the top" if self.levels is None else f"levels {self.levels}"
-        search = f"{self.trials} trials" if self.trials else "fit's default budget (whole fit within 3x one estimated full fine-tune)"
+        search = f"{self.trials} trials" if self.trials else "fit's default budget (a count of trials, no clock)"
         return (
             f"{'quick' if self.quick else 'full'} mode: {self.backbone} ({self.weights} weights), {size}, "
-            f"{self.head_epochs} head epochs, {self.epochs} fine-tuning epochs, lr {self.lr:g}, batch "
-            f"{self.batch_size}, seed {self.seed}; " + (", ".join(caps) + "; " if caps else "")
-            + f"grid: frozen at {levels}, fine-tuned from {grid}; autotransfer: {search}, profile of "
-            f"at most {self.max_images} images"
+            f"{self.epochs} fine-tuning epoch{'s' if self.epochs != 1 else ''}, lr {self.lr:g}, batch {self.batch_size}, seed {self.seed}; "
+            + (", ".join(caps) + "; " if caps else "every held-out image; ")
+            + f"grid: frozen at {levels}, fine-tuned from {grid}; sklearn probe at the same depths and all "
+            f"levels at once; {'real fastai fine_tune' if self.peers else 'no fastai'}; autotransfer: {search}, "
+            f"profile of at most {self.max_images} images"
         )
+
+    def tag(self) -> str:
+        """The settings in a few words, for every table's title."""
+        size = f"{self.image_size} px" if self.image_size else "fit's px"
+        caps = [f"'all' <= {self.train_cap}/class"] if self.train_cap else []
+        caps += [f"held-out <= {self.test_cap}/class"] if self.test_cap else []
+        return (f"{'QUICK' if self.quick else 'full'}: {size}, {self.epochs} epoch{'s' if self.epochs != 1 else ''}, seed {self.seed}"
+                + (", " + ", ".join(caps) if caps else ""))
 
 
 # ----------------------------------------------------------------------------- data
@@ -149,7 +174,7 @@ def subsample(scan: DatasetScan, per_class: int | None, seed: int, split: str = 
         keep.update(r.path for r in members[:per_class])
     splits = dict(scan.splits)
     splits[split] = [r for r in scan.splits[split] if r.path in keep]
-    return DatasetScan(scan.root, scan.classes, splits, scan.skipped, scan.layout)
+    return replace(scan, splits=splits)
 
 
 def cap_split(scan: DatasetScan, split: str, per_class: int | None, seed: int) -> DatasetScan:
@@ -161,7 +186,7 @@ def cap_split(scan: DatasetScan, split: str, per_class: int | None, seed: int) -
         return scan
     splits = dict(scan.splits)
     splits[split] = stratified_sample(scan.splits[split], per_class * len(scan.classes), seed)
-    return DatasetScan(scan.root, scan.classes, splits, scan.skipped, scan.layout)
+    return replace(scan, splits=splits)
 
 
 def heldout_split(scan: DatasetScan) -> str:
@@ -178,39 +203,57 @@ def resolve_image_size(scan: DatasetScan, settings: BenchSettings) -> int | None
     return THRESHOLDS.small_image_size if side < THRESHOLDS.small_image_side else None
 
 
-def hold_out_half_of_val(scan: DatasetScan, seed: int) -> DatasetScan:
-    """Without a test split, a stratified half of val becomes it, before anything runs.
-
-    Every recipe and the search select on val (epochs, head vs fine-tuned, the winning
-    trial); judging them on the same images would flatter whoever selects hardest.
-    """
-    val = scan.splits.get("val", [])
-    if scan.splits.get("test") or len(val) < 2:
-        return scan
-    by_class: dict[int, list[ImageRecord]] = defaultdict(list)
-    for record in val:
-        by_class[record.label].append(record)
-    rng = random.Random(seed)
-    held: set[str] = set()
-    for label in sorted(by_class):  # each class halved (rounded down: a lone image stays in val)
-        members = sorted(by_class[label], key=lambda r: r.path)
-        rng.shuffle(members)
-        held.update(r.path for r in members[: len(members) // 2])
-    splits = {**scan.splits, "val": [r for r in val if r.path not in held], "test": [r for r in val if r.path in held]}
-    return DatasetScan(scan.root, scan.classes, splits, scan.skipped, scan.layout)
-
-
 def has_test_folder(scan: DatasetScan) -> bool:
     return scan.layout == "splits" and (Path(scan.root) / "test").is_dir()
 
 
+def has_val_folder(scan: DatasetScan) -> bool:
+    return scan.layout == "splits" and any((Path(scan.root) / name).is_dir() for name in VAL_FOLDERS)
+
+
+def heldout_source(scan: DatasetScan) -> str:
+    """Where a dataset's held-out images come from, in words (see `set_heldout`)."""
+    if has_test_folder(scan):
+        return "test/"
+    if has_val_folder(scan):
+        return "val/"
+    return f"{HOLDOUT_FRACTION:.0%} of the labelled images"
+
+
+def set_heldout(scan: DatasetScan, seed: int) -> DatasetScan:
+    """Make "test" the held-out split, set aside before anything runs.
+
+    test/ where the dataset has one (its val/, if any, stays the selection split); else
+    its val/, all of it, with the selection split drawn later from train, as `fit` draws
+    it; else a stratified HOLDOUT_FRACTION of the class folders. Without a val split the
+    scan is marked `val_drawn`: every cell draws its own from its training images.
+    """
+    splits = dict(scan.splits)
+    if not splits.get("test"):
+        if splits.get("val"):
+            splits["test"] = splits.pop("val")
+        else:
+            splits["train"], splits["test"] = stratified_split(splits["train"], HOLDOUT_FRACTION, seed)
+            splits.pop("val", None)
+    return replace(scan, splits=splits, val_drawn=not splits.get("val"))
+
+
+def draw_val(scan: DatasetScan, fraction: float, seed: int) -> DatasetScan:
+    """The selection split of a cell without a val/ folder: drawn from its training images
+    as `fit` draws it (`data.stratified_split`), so the scan is what `fit` would see."""
+    if scan.splits.get("val"):
+        return scan
+    train, val = stratified_split(scan.splits["train"], fraction, seed)
+    return replace(scan, splits={**scan.splits, "train": train, "val": val}, val_drawn=True)
+
+
 def scan_datasets(paths: list[Path], settings: BenchSettings) -> list[DatasetScan]:
-    """Scan every dataset first, so a bad path fails before any training; hold out half of
-    val where there is no test split; apply the caps."""
+    """Scan every dataset first, so a bad path fails before any training; set the held-out
+    images aside (`set_heldout`); apply the caps."""
     scans = []
     for path in paths:
-        scan = scan_folder(path, 0.2, settings.seed)  # class folders: val is drawn here, first
-        scan = hold_out_half_of_val(scan, settings.seed)
+        scan = scan_folder(path, None, settings.seed)  # no val drawn yet: each cell draws its own
+        scan = set_heldout(scan, settings.seed)
         scan = cap_split(scan, "val", settings.val_cap, settings.seed)
         scan = cap_split(scan, "test", settings.test_cap, settings.seed)
         scans.append(scan)
@@ -272,6 +315,29 @@ def _scores(metrics: dict, split: str) -> dict:
     }
 
 
+def heldout_predictions(run_dir: Path, metrics: dict, records: list[ImageRecord], classes: list[str]) -> list[int]:
+    """Per-image held-out predictions of a RUN (class indices of `classes`), for paired
+    standard errors: the run's own record where `fit` kept one, else its model.pt run again
+    on the held-out images (after the run's wall time was taken)."""
+    saved = metrics.get("test_predictions")
+    if saved and len(saved.get("predicted", [])) == len(records):
+        return [int(p) for p in saved["predicted"]]
+    import torch
+
+    from autotransfer.checkpoint import load_model
+    from autotransfer.features import eval_transform, image_loader
+
+    model, model_classes, prep = load_model(run_dir)
+    remap = [classes.index(c) for c in model_classes]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    predicted: list[int] = []
+    with torch.inference_mode():
+        for images, _ in image_loader(records, eval_transform(prep), 64):
+            predicted += [remap[i] for i in model(images.to(device)).argmax(1).cpu().tolist()]
+    return predicted
+
+
 def run_recipe(recipe: Recipe, scan: DatasetScan, out: Path) -> dict:
     """Train one fixed or grid recipe from an empty feature cache; its row of the report."""
     from autotransfer.train import fit
@@ -280,8 +346,10 @@ def run_recipe(recipe: Recipe, scan: DatasetScan, out: Path) -> dict:
     start = time.perf_counter()
     result = fit(scan, recipe.plan, out, progress=False, log=lambda _: None)
     seconds = time.perf_counter() - start
-    return {**_scores(result.metrics, heldout_split(scan)), "seconds": round(seconds, 2),
-            "stages": result.metrics.get("stages", {}), "kept": result.metrics.get("kept")}
+    split = heldout_split(scan)
+    return {**_scores(result.metrics, split), "seconds": round(seconds, 2),
+            "stages": result.metrics.get("stages", {}), "kept": result.metrics.get("kept"),
+            "heldout_predicted": heldout_predictions(out, result.metrics, scan.splits[split], scan.classes)}
 
 
 def run_autotransfer(
@@ -290,13 +358,14 @@ def run_autotransfer(
 ) -> dict:
     """What `autotransfer fit DATA` does (profile -> rules -> search -> adopt), timed.
 
-    With `trials` None the budget is the CLI's default (`selector.default_budget`). The
-    grid trains one backbone, so by default the search does too; `optional_backbones`
-    adds candidates as `fit` does (`selector.default_backbones`).
+    No time budget: with `trials` None the search runs `fit`'s default, a count of trials,
+    so a rerun on a busier machine decides the same. The grid trains one backbone, so by
+    default the search does too; `optional_backbones` adds candidates as `fit` does
+    (`selector.default_backbones`).
     """
     from autotransfer.search import default_storage
     from autotransfer.profile import save_profiles
-    from autotransfer.selector import default_budget, profile_and_rank, search_config, select_and_fit
+    from autotransfer.selector import profile_and_rank, search_config, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
@@ -306,19 +375,17 @@ def run_autotransfer(
     )
     save_profiles(profiles, out)
     profile_seconds = time.perf_counter() - start
-    budget = None
-    if trials is None:
-        budget, _ = default_budget(scan, plans[0], time.perf_counter() - start)
-    config = search_config(scan.root, default_storage(out), profiles, plans, trials, budget)
+    config = search_config(scan.root, default_storage(out), profiles, plans, trials, None)
     plan = select_and_fit(config, out, plans, scan=scan, log=lambda line: log(f"    {line}"))
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
     leaderboard = (out / "leaderboard.csv").read_text().splitlines()
+    split = heldout_split(scan)
     return {
-        **_scores(metrics, heldout_split(scan)),
+        **_scores(metrics, split),
         "seconds": round(seconds, 2),
         "profile_seconds": round(profile_seconds, 2),
-        "budget_seconds": None if budget is None else round(budget, 1),
+        "budget_seconds": None,  # no clock (schema 1 had one)
         "trials_run": max(0, len(leaderboard) - 1),
         "choice": describe(plan),
         "chosen_plan": _plan_fields(plan),
@@ -326,6 +393,8 @@ def run_autotransfer(
         "reasons": plan.reasons,
         "distance": profiles[0].summary.distance,
         "backbones_profiled": config.backbones,
+        "heldout_predicted": heldout_predictions(out, metrics, scan.splits[split], scan.classes)
+        if split in metrics else None,
     }
 
 
@@ -335,6 +404,15 @@ def _plan_fields(plan: Plan | None) -> dict | None:
     fields = asdict(plan)
     fields.pop("reasons")
     return fields
+
+
+def grid_levels(base: Plan, settings: BenchSettings) -> list[int | None]:
+    """The frozen depths of the grid (and of the probes): feature levels, None = the top."""
+    from autotransfer.strategies import depth_of
+
+    if settings.levels is not None:
+        return list(settings.levels)
+    return [*range(depth_of(base.backbone, None)[1]), None]
 
 
 def cell_recipes(base: Plan, settings: BenchSettings) -> list[tuple[Recipe, list[str]]]:
@@ -355,11 +433,54 @@ def cell_recipes(base: Plan, settings: BenchSettings) -> list[tuple[Recipe, list
     return list(ordered.values())
 
 
+def reference_rows(sub: DatasetScan, base: Plan, settings: BenchSettings, log: Callable[[str], None]) -> list[dict]:
+    """The sklearn probe at every grid depth and all levels at once, from an empty cache."""
+    from autotransfer.references import run_probes
+    from autotransfer.strategies import ALL_LEVELS, depth_of
+
+    empty_feature_cache()
+    levels = grid_levels(base, settings)
+    groups, _ = depth_of(base.backbone, None)
+    rows = []
+    for row in run_probes(sub, base, levels, heldout_split(sub), log):
+        level = row.pop("level")
+        depth = None if level == ALL_LEVELS else groups + 1 if level is None else depth_of(base.backbone, level)[0]
+        rows.append({"kinds": [REFERENCE], "family": REFERENCE, "depth": depth, "plan": None,
+                     "feature_level": level, "val_accuracy": row.get("cv_accuracy"), **row})
+    return rows
+
+
+def peer_rows(sub: DatasetScan, base: Plan, cell_dir: Path, log: Callable[[str], None]) -> list[dict]:
+    """The real fastai; its row says "not installed" when it is not (never a silent skip)."""
+    from autotransfer.peers import FASTAI_TITLE, NOT_INSTALLED, run_fastai
+
+    row = {"recipe": "fastai", "kinds": [PEER], "family": PEER, "depth": 0, "plan": None,
+           "title": FASTAI_TITLE.format(epochs=base.epochs)}
+    run_dir = cell_dir / "fastai"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        row.update(run_fastai(sub, base, run_dir, heldout_split(sub), log))
+    except ImportError as exc:
+        if NOT_INSTALLED not in str(exc):
+            raise
+        row.update(error=NOT_INSTALLED, not_installed=True)
+        log(f"  {'fastai':<18} {NOT_INSTALLED}")
+    except Exception as exc:  # a failing peer must not lose the benchmark
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  fastai: FAILED {row['error']}")
+        log(traceback.format_exc())
+    else:
+        log(f"  {'fastai':<18} held-out {row['heldout_accuracy']:.4f}, {row['seconds']:.0f}s")
+    for path in run_dir.glob("*.pth"):  # the weights file it was given: a copy of the backbone
+        path.unlink()
+    return [row]
+
+
 def bench_cell(
     scan: DatasetScan, per_class: int | None, settings: BenchSettings, out: Path,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """One dataset at one training-set size: every recipe, then regrets."""
+    """One dataset at one training-set size: every row, then regrets and their paired SEs."""
     size_label = "all" if per_class is None else f"{per_class}/class"
     if per_class is None:
         sub = cap_split(scan, "train", settings.train_cap, settings.seed)
@@ -368,17 +489,18 @@ def bench_cell(
     name = Path(scan.root).name
     base = Plan(
         settings.backbone, weights=settings.weights, image_size=resolve_image_size(sub, settings),
-        head_epochs=settings.head_epochs, epochs=settings.epochs, lr=settings.lr,
-        batch_size=settings.batch_size, seed=settings.seed,
+        epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
     )
+    sub = draw_val(sub, base.val_fraction, settings.seed)
     split = heldout_split(sub)
-    heldout_from_val = split == "test" and not has_test_folder(scan)
+    source = heldout_source(scan)
     counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
     log(f"[{name} {size_label}] train {counts['train']}, val {counts['val']}"
-        + (f", test {counts['test']}" if "test" in counts else "")
-        + f"; held-out: {'half of val' if heldout_from_val else split}")
-    rows = []
+        + (" (drawn from train)" if sub.val_drawn else "") + f", held-out {counts.get(split, 0)} ({source})")
     cell_dir = out / "runs" / name / ("all" if per_class is None else f"{per_class}")
+    rows = reference_rows(sub, base, settings, log)
+    if settings.peers:
+        rows += peer_rows(sub, base, cell_dir, log)
     for recipe, kinds in cell_recipes(base, settings):
         row = {
             "recipe": recipe.name, "kinds": kinds, "family": recipe.family, "depth": recipe.depth,
@@ -404,44 +526,110 @@ def bench_cell(
         rows.append(row)
     cell = {
         "dataset": name, "path": scan.root, "per_class": per_class, "size": size_label,
-        "images": counts, "classes": len(scan.classes), "heldout": split,
-        "heldout_from_val": heldout_from_val,
-        "image_size": base.image_size, "rows": rows,
+        "images": counts, "classes": len(scan.classes), "heldout": split, "heldout_source": source,
+        "val_drawn": sub.val_drawn, "image_size": base.image_size,
+        "heldout_targets": [r.label for r in sub.splits[split]], "rows": rows,
     }
     return score_cell(cell)
 
 
-def _val_score(row: dict) -> float:
+def _val_score(row: dict) -> float | None:
     """What autotransfer selects on (val balanced accuracy); plain accuracy in older results."""
     score = row.get("val_balanced_accuracy")
-    return row["val_accuracy"] if score is None else score
+    return row.get("val_accuracy") if score is None else score
+
+
+def _scored(row: dict) -> bool:
+    return row.get("heldout_accuracy") is not None and not row.get("error")
+
+
+def paired_se_points(a: dict, b: dict, targets: list[int] | None) -> float | None:
+    """Paired SE (points) of a's held-out accuracy minus b's; None without predictions."""
+    from autotransfer.metrics import accuracy_gap_se
+
+    pa, pb = a.get("heldout_predicted"), b.get("heldout_predicted")
+    if not targets or pa is None or pb is None or not len(pa) == len(pb) == len(targets):
+        return None
+    return round(100 * accuracy_gap_se(pa, pb, targets), 2)
+
+
+def duel(auto: dict | None, other: dict | None, targets: list[int] | None) -> dict | None:
+    """autotransfer against one row: the gap (points, + = autotransfer better), its paired
+    SE, and the outcome: "win" or "loss" only beyond one SE, else "tie"."""
+    if auto is None or other is None or not _scored(auto) or not _scored(other):
+        return None
+    gap = round(100 * (auto["heldout_accuracy"] - other["heldout_accuracy"]), 2)
+    se = paired_se_points(auto, other, targets)
+    noise = se or 0.0
+    outcome = "win" if gap > noise else "loss" if gap < -noise else "tie"
+    return {"recipe": other["recipe"], "gap": gap, "se": se, "outcome": outcome}
+
+
+def probe_by_cv(cell: dict) -> dict | None:
+    """The probe depth its own CV picks (no held-out image involved): the reference a user
+    of the protocol would get. Ties: the shallower row first in the table."""
+    probes = [r for r in cell["rows"] if REFERENCE in r["kinds"] and _scored(r) and r.get("cv_accuracy") is not None]
+    return max(probes, key=lambda r: r["cv_accuracy"], default=None)
 
 
 def score_cell(cell: dict) -> dict:
-    """Grid best on the held-out split, each row's regret in points, the issue-4 verdict."""
-    grid = [r for r in cell["rows"] if GRID in r["kinds"] and r.get("heldout_accuracy") is not None]
-    best = max(grid, key=lambda r: r["heldout_accuracy"], default=None)
+    """The cell's best row on the held-out images, each row's regret and its paired SE,
+    the grid point best on val, autotransfer's duels and verdict."""
+    rows = cell["rows"]
+    targets = cell.get("heldout_targets")
+    auto = next((r for r in rows if AUTO in r["kinds"]), None)
+    candidates = [r for r in rows if AUTO not in r["kinds"] and _scored(r)]
+    best = max(candidates, key=lambda r: r["heldout_accuracy"], default=None)
+    grid = [r for r in rows if GRID in r["kinds"] and _scored(r)]
+    grid_best = max(grid, key=lambda r: r["heldout_accuracy"], default=None)
     val_best = max(grid, key=_val_score, default=None)
-    for row in cell["rows"]:
-        acc = row.get("heldout_accuracy")
-        row["regret"] = None if best is None or acc is None else round(100 * (best["heldout_accuracy"] - acc), 2)
-    auto = next((r for r in cell["rows"] if AUTO in r["kinds"]), None)
-    cell["grid_best"] = None if best is None else {"recipe": best["recipe"], "accuracy": best["heldout_accuracy"]}
+    for row in rows:
+        scored = best is not None and _scored(row)
+        row["regret"] = round(100 * (best["heldout_accuracy"] - row["heldout_accuracy"]), 2) if scored else None
+        row["regret_se"] = paired_se_points(best, row, targets) if scored else None
+    cell["best"] = None if best is None else {"recipe": best["recipe"], "accuracy": best["heldout_accuracy"]}
+    cell["grid_best"] = None if grid_best is None else {"recipe": grid_best["recipe"], "accuracy": grid_best["heldout_accuracy"]}
     cell["grid_best_on_val"] = None if val_best is None else {
         "recipe": val_best["recipe"], "val_accuracy": val_best["val_accuracy"],
         "val_balanced_accuracy": val_best.get("val_balanced_accuracy"),
-        "heldout_accuracy": val_best["heldout_accuracy"],
-        "regret": round(100 * (best["heldout_accuracy"] - val_best["heldout_accuracy"]), 2),
+        "heldout_accuracy": val_best["heldout_accuracy"], "regret": val_best["regret"], "regret_se": val_best["regret_se"],
+    }
+    probe = probe_by_cv(cell)
+    cell["probe_by_cv"] = None if probe is None else {
+        "recipe": probe["recipe"], "cv_accuracy": probe["cv_accuracy"], "heldout_accuracy": probe["heldout_accuracy"],
+        "regret": probe["regret"], "regret_se": probe["regret_se"],
     }
     n = cell["images"].get(cell["heldout"], 0)
-    # The resolution of the verdict: one standard error of the best accuracy on this many
-    # held-out images (76 images at 0.8: 4.6 points, far above the 1-point goal).
+    # One standard error of the best accuracy on this many held-out images, unpaired: the
+    # scale of any verdict (the paired SE of each regret is usually smaller).
     cell["heldout_se_points"] = None if best is None or not n else round(
         100 * math.sqrt(best["heldout_accuracy"] * (1 - best["heldout_accuracy"]) / n), 2)
     regret = None if auto is None else auto.get("regret")
     cell["autotransfer_regret"] = regret
+    cell["autotransfer_regret_se"] = None if auto is None else auto.get("regret_se")
     cell["within_1_point"] = None if regret is None else regret <= WITHIN_POINTS
+    cell["verdict"] = _verdict(regret, cell["autotransfer_regret_se"])
+    fastai = next((r for r in rows if PEER in r["kinds"]), None)
+    by_name = {r["recipe"]: r for r in rows}
+    cell["duels"] = {
+        name: duel(auto, other, targets) for name, other in (
+            ("probe by CV", None if probe is None else by_name[probe["recipe"]]),
+            ("fastai", fastai),
+            ("grid best on val", None if val_best is None else by_name[val_best["recipe"]]),
+            *((n, by_name.get(n)) for n in FIXED_ORDER),
+        )
+    }
     return cell
+
+
+def _verdict(regret: float | None, se: float | None) -> str | None:
+    """Within 1 point of the best ("yes"), more than 1 point behind beyond one paired SE
+    ("no"), or in between ("unclear": the held-out images cannot tell)."""
+    if regret is None:
+        return None
+    if regret <= WITHIN_POINTS:
+        return "yes"
+    return "no" if regret - (se or 0.0) > WITHIN_POINTS else "unclear"
 
 
 def environment() -> dict:
@@ -450,10 +638,15 @@ def environment() -> dict:
     import timm
     import torch
 
+    import sklearn
+
+    from autotransfer.peers import fastai_version
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "versions": {"autotransfer": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "pytorch_lightning": pl.__version__, "optuna": optuna.__version__,
+                     "scikit-learn": sklearn.__version__, "fastai": fastai_version() or "not installed",
                      "python": platform.python_version()},
         "machine": {"platform": platform.platform(), "machine": platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu},
@@ -494,131 +687,214 @@ def run_bench(
 
 # --------------------------------------------------------------------------- reports
 
-SHORT = {"frozen-top": "frozen top", "keras-two-stage": "Keras 2-stage", "fastai-fine-tune": "fastai fine_tune",
-         "plain-full-ft": "plain full FT", "autotransfer": "autotransfer"}
-FIXED_ORDER = ["frozen-top", "keras-two-stage", "fastai-fine-tune", "plain-full-ft"]
+SHORT = {"frozen-top": "frozen top", "keras-two-stage": "Keras 2-stage", "fastai-fine-tune": "fastai imitation",
+         "plain-full-ft": "plain full FT", "autotransfer": "autotransfer", "fastai": "fastai fine_tune",
+         "probe by CV": "sklearn probe (depth by CV)", "grid best on val": "grid best on val"}
+FIXED_ORDER = ["frozen-top", "keras-two-stage", "plain-full-ft"]
+OUTCOME_MARK = {"win": "win", "loss": "**loss**", "tie": "tie"}
+
+
+def _pm(regret: float | None, se: float | None) -> str:
+    if regret is None:
+        return "-"
+    return f"{regret:+.1f}" + (f" ± {se:.1f}" if se is not None else "")
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
 
 
 def _acc(row: dict | None) -> str:
+    """'0.912 (+1.3 ± 0.8)': held-out accuracy (regret vs the cell's best ± its paired SE)."""
     if row is None:
         return "-"
-    if row.get("error"):
+    if row.get("not_installed"):
+        return "not installed"
+    if row.get("error") or row.get("heldout_accuracy") is None:
         return "failed"
     regret = row.get("regret")
-    return f"{row['heldout_accuracy']:.3f} ({regret:+.1f})" if regret is not None else f"{row['heldout_accuracy']:.3f}"
+    text = f"{row['heldout_accuracy']:.3f}"
+    return f"{text} ({_pm(regret, row.get('regret_se'))})" if regret is not None else text
 
 
 def _row(cell: dict, name: str) -> dict | None:
     return next((r for r in cell["rows"] if r["recipe"] == name), None)
 
 
+def _summary_row(cell: dict, name: str) -> dict | None:
+    """A row of the cell, or one of its picks ('probe by CV', 'grid best on val') as one."""
+    if name in ("probe by CV", "grid best on val"):
+        pick = cell.get("probe_by_cv" if name == "probe by CV" else "grid_best_on_val")
+        return None if pick is None else {**pick, "recipe": pick["recipe"]}
+    if name == "fastai":
+        return next((r for r in cell["rows"] if PEER in r["kinds"]), None)
+    return _row(cell, name)
+
+
 def _size_label(cell: dict) -> str:
-    """'10 (20)': images per class asked for, and train images it gave."""
-    return f"{cell['size'].replace('/class', '')} ({cell['images']['train']})"
+    """'10 (16+4)': images per class asked for, and the train (+ selection) images it gave."""
+    val = f"+{cell['images']['val']}" if cell.get("val_drawn") else ""
+    return f"{cell['size'].replace('/class', '')} ({cell['images']['train']}{val})"
 
 
 def _split_label(cell: dict) -> str:
     n = cell["images"][cell["heldout"]]
-    if cell["heldout"] != "test":
+    if "heldout_source" in cell:
+        return f"{cell['heldout_source']} ({n})"
+    if cell["heldout"] != "test":  # schema 1
         return f"val* ({n})"
     return f"half of val ({n})" if cell.get("heldout_from_val") else f"test ({n})"
 
 
+def _tag(report: dict) -> str:
+    settings = report["settings"]
+    try:
+        return BenchSettings(**settings).tag()
+    except TypeError:  # an older report's settings
+        return f"{'QUICK' if settings.get('quick') else 'full'}: {settings.get('image_size') or 'fit'} px, {settings.get('epochs')} epochs"
+
+
+SUMMARY_COLUMNS = ["probe by CV", "fastai", *FIXED_ORDER, "grid best on val"]
+
+
 def report_tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for every table; rendered as Markdown and as HTML."""
+    """(title, header, rows) for every table; rendered as Markdown and as HTML. Every title
+    ends with the run's settings in brief ([QUICK: ...] in quick mode)."""
     cells = report["cells"]
+    tag = f" [{_tag(report)}]"
     tables = []
-    header = ["dataset", "train/class (images)", "held-out", "1 SE (pts)", "grid best", *[SHORT[n] for n in FIXED_ORDER],
+    header = ["dataset", "train/class (train+val)", "held-out", "cell best", *[SHORT[n] for n in SUMMARY_COLUMNS],
               "autotransfer", "its choice", "within 1 pt"]
     rows = []
     for c in cells:
         auto = _row(c, "autotransfer")
-        best = c["grid_best"]
+        best = c.get("best") or c.get("grid_best")
+        verdict = c.get("verdict") or {True: "yes", False: "no", None: None}[c.get("within_1_point")]
         rows.append([
             c["dataset"], _size_label(c), _split_label(c),
-            "-" if c.get("heldout_se_points") is None else f"{c['heldout_se_points']:.1f}",
             f"{best['accuracy']:.3f} {best['recipe']}" if best else "-",
-            *[_acc(_row(c, n)) for n in FIXED_ORDER], _acc(auto),
+            *[_acc(_summary_row(c, n)) for n in SUMMARY_COLUMNS], _acc(auto),
             (auto or {}).get("choice", "-").replace(f"{report['settings']['backbone']}, ", ""),
-            {True: "yes", False: "**no**", None: "-"}[c["within_1_point"]],
+            {"yes": "yes", "no": "**no**", "unclear": "unclear", None: "-"}[verdict],
         ])
-    tables.append(("Held-out accuracy (regret vs the grid's best, points)", header, rows))
+    tables.append(("Held-out accuracy (regret vs the cell's best ± paired SE, points)" + tag, header, rows))
 
-    header = ["dataset", "train/class (images)", *[SHORT[n] for n in FIXED_ORDER], "grid (all points)", "autotransfer",
-              "of which profile", "trials", "autotransfer / grid's full"]
+    header = ["dataset", "train/class (train+val)", *[f"vs {SHORT[n]}" for n in ["probe by CV", "fastai", "grid best on val", *FIXED_ORDER]]]
     rows = []
     for c in cells:
+        duels = c.get("duels") or {}
+        rows.append([c["dataset"], _size_label(c), *[
+            "-" if not duels.get(n) else f"{OUTCOME_MARK[duels[n]['outcome']]} {_pm(duels[n]['gap'], duels[n]['se'])}"
+            for n in ["probe by CV", "fastai", "grid best on val", *FIXED_ORDER]]])
+    if any(c.get("duels") for c in cells):
+        tables.append(("autotransfer against each (points, + = autotransfer better ± paired SE; win/loss only beyond 1 SE)" + tag,
+                       header, rows))
+
+    header = ["dataset", "train/class (train+val)", "sklearn probes (features + every depth)", "fastai",
+              *[SHORT[n] for n in FIXED_ORDER], "grid (all points)", "autotransfer", "of which profile", "trials",
+              "autotransfer / grid's full"]
+    rows = []
+    for c in cells:
+        probes = [r for r in c["rows"] if REFERENCE in r["kinds"] and r.get("seconds") is not None]
+        probe_s = (max(r.get("features_seconds", 0) for r in probes)
+                   + sum(r["seconds"] - r.get("features_seconds", 0) for r in probes)) if probes else None
         grid_s = sum(r.get("seconds", 0) for r in c["rows"] if GRID in r["kinds"])
         auto = _row(c, "autotransfer") or {}
+        fastai = _summary_row(c, "fastai") or {}
         full = (_row(c, "full") or {}).get("seconds")  # one full fine-tune (LP-FT): the goal is <= 3x
         rows.append([
-            c["dataset"], _size_label(c),
-            *[f"{(_row(c, n) or {}).get('seconds', 0):.0f}" for n in FIXED_ORDER], f"{grid_s:.0f}",
-            f"{auto.get('seconds', 0):.0f}", f"{auto.get('profile_seconds', 0):.0f}", str(auto.get("trials_run", "-")),
+            c["dataset"], _size_label(c), _s(probe_s),
+            _s(fastai["seconds"]) if fastai.get("seconds") else ("not installed" if fastai.get("not_installed") else "-"),
+            *[_s((_row(c, n) or {}).get("seconds")) for n in FIXED_ORDER], _s(grid_s),
+            _s(auto.get("seconds")), _s(auto.get("profile_seconds")), str(auto.get("trials_run", "-")),
             f"{auto['seconds'] / full:.1f}x" if full and auto.get("seconds") else "-",
         ])
-    tables.append(("Wall time (s, each from an empty feature cache)", header, rows))
+    tables.append(("Wall time (s, each from an empty feature cache)" + tag, header, rows))
 
     for c in cells:
         counts = ", ".join(f"{k} {v}" for k, v in c["images"].items())
-        title = f"{c['dataset']}, {c['size']} ({counts}; {c['image_size'] or 'backbone'} px; held-out {_split_label(c)})"
-        header = ["recipe", "kind", "what", "val acc", "val bal. acc", "held-out acc", "macro-F1", "s", "regret (pts)"]
+        drawn = "; val drawn from train" if c.get("val_drawn") else ""
+        title = (f"{c['dataset']}, {c['size']} ({counts}{drawn}; {c['image_size'] or 'backbone'} px; "
+                 f"held-out {_split_label(c)})" + tag)
+        header = ["recipe", "kind", "what", "val acc (probes: CV)", "val bal. acc", "held-out acc", "macro-F1", "s",
+                  "regret ± paired SE (pts)"]
         rows = []
         for r in c["rows"]:
             what = r.get("choice", r["title"]) if "autotransfer" == r["recipe"] else r["title"]
-            if r.get("error"):
-                rows.append([r["recipe"], "+".join(r["kinds"]), what, "-", "-", r["error"][:80], "-", "-", "-"])
+            if REFERENCE in r["kinds"] and r.get("C") is not None:
+                what += (f" [C {r['C']:.2g} by {r['folds']}-fold CV on {r['labelled_images']} images, refit on all]"
+                         if r.get("folds") else f" [C {r['C']:.2g}: too few images per class to cross-validate]")
+            if r.get("error") or r.get("heldout_accuracy") is None:
+                rows.append([r["recipe"], "+".join(r["kinds"]), what, "-", "-", (r.get("error") or "no held-out score")[:90],
+                             "-", "-", "-"])
                 continue
             stages = r.get("stages", {})
-            if r.get("kept") == "head":
+            if r.get("kept") == "head" and "head_val_accuracy" in stages:
                 key = "val_balanced_accuracy" if "head_val_balanced_accuracy" in stages else "val_accuracy"
                 what += (f" [fine-tuning reached {stages['finetune_' + key]:.3f} on val ({key.replace('_', ' ')}), "
-                         f"not 2 images above the head's {stages['head_' + key]:.3f}: head kept]")
+                         f"not enough above the head's {stages['head_' + key]:.3f}: head kept]")
+            val = r.get("val_accuracy")
+            score = _val_score(r) if GRID in r["kinds"] or FIXED in r["kinds"] or AUTO in r["kinds"] else None
             rows.append([
-                r["recipe"], "+".join(r["kinds"]), what, f"{r['val_accuracy']:.3f}", f"{_val_score(r):.3f}", f"{r['heldout_accuracy']:.3f}",
-                f"{r['heldout_macro_f1']:.3f}", f"{r['seconds']:.0f}", f"{r['regret']:+.1f}",
+                r["recipe"], "+".join(r["kinds"]), what, "-" if val is None else f"{val:.3f}",
+                "-" if score is None else f"{score:.3f}", f"{r['heldout_accuracy']:.3f}",
+                "-" if r.get("heldout_macro_f1") is None else f"{r['heldout_macro_f1']:.3f}", _s(r.get("seconds")),
+                _pm(r.get("regret"), r.get("regret_se")),
             ])
         vb = c["grid_best_on_val"]
         if vb:
             rows.append(["(grid best on val)", "", f"{vb['recipe']}: what picking the grid on val (balanced accuracy) would give",
-                         f"{vb['val_accuracy']:.3f}", f"{_val_score(vb):.3f}", f"{vb['heldout_accuracy']:.3f}", "", "", f"{vb['regret']:+.1f}"])
+                         f"{vb['val_accuracy']:.3f}", f"{_val_score(vb):.3f}", f"{vb['heldout_accuracy']:.3f}", "", "",
+                         _pm(vb["regret"], vb.get("regret_se"))])
+        pc = c.get("probe_by_cv")
+        if pc:
+            rows.append(["(probe by CV)", "", f"{pc['recipe']}: the probe depth its own CV picks (no held-out image used)",
+                         f"{pc['cv_accuracy']:.3f}", "", f"{pc['heldout_accuracy']:.3f}", "", "",
+                         _pm(pc["regret"], pc.get("regret_se"))])
         tables.append((title, header, rows))
     return tables
 
 
 def verdict_lines(report: dict) -> list[str]:
-    cells = [c for c in report["cells"] if c["within_1_point"] is not None]
-    good = [f"{c['dataset']} {c['size']}" for c in cells if c["within_1_point"]]
-    bad = [f"{c['dataset']} {c['size']} ({c['autotransfer_regret']:+.1f}"
-           + (f"; 1 SE there {c['heldout_se_points']:.1f}" if c.get("heldout_se_points") is not None else "") + ")"
-           for c in cells if not c["within_1_point"]]
-    lines = [f"autotransfer within {WITHIN_POINTS:g} point of the grid's best in {len(good)} of {len(cells)} cells."]
+    cells = [c for c in report["cells"] if c.get("autotransfer_regret") is not None]
+    verdicts = {c["dataset"] + " " + c["size"]: c.get("verdict") or ("yes" if c["within_1_point"] else "no") for c in cells}
+
+    def regret(c: dict) -> str:
+        return _pm(c["autotransfer_regret"], c.get("autotransfer_regret_se"))
+
+    good = [k for k, v in verdicts.items() if v == "yes"]
+    bad = [f"{c['dataset']} {c['size']} ({regret(c)})" for c in cells if verdicts[c["dataset"] + " " + c["size"]] == "no"]
+    unclear = [f"{c['dataset']} {c['size']} ({regret(c)})" for c in cells
+               if verdicts[c["dataset"] + " " + c["size"]] == "unclear"]
+    lines = [f"autotransfer within {WITHIN_POINTS:g} point of the cell's best in {len(good)} of {len(cells)} cells; "
+             f"more than {WITHIN_POINTS:g} point behind beyond one paired SE in {len(bad)}; unclear in {len(unclear)}."]
     if good:
         lines.append("Within: " + ", ".join(good) + ".")
     if bad:
-        lines.append("Not within (regret in points): " + ", ".join(bad) + ".")
-    on_val = [c for c in cells if c.get("grid_best_on_val")]
-    if on_val:
-        lines.append(
-            f"For scale: the grid point best on val (balanced accuracy) is within {WITHIN_POINTS:g} point of the "
-            f"grid's best in {sum(c['grid_best_on_val']['regret'] <= WITHIN_POINTS for c in on_val)} of {len(on_val)} "
-            f"cells; autotransfer is within one standard error of the held-out accuracy (or 1 point) in "
-            f"{sum(c['autotransfer_regret'] <= max(WITHIN_POINTS, c.get('heldout_se_points') or 0) for c in cells)} "
-            f"of {len(cells)}."
-        )
+        lines.append("Behind (regret ± paired SE, points): " + ", ".join(bad) + ".")
+    if unclear:
+        lines.append("Unclear (behind by more than 1 point, but not beyond one paired SE): " + ", ".join(unclear) + ".")
+    for name in ["probe by CV", "fastai", "grid best on val"]:
+        outcomes = [d["outcome"] for c in cells if (d := (c.get("duels") or {}).get(name))]
+        if outcomes:
+            lines.append(f"autotransfer vs {SHORT[name]}: {outcomes.count('win')} wins, {outcomes.count('tie')} ties "
+                         f"(within one paired SE), {outcomes.count('loss')} losses in {len(outcomes)} cells.")
+    missing = [f"{c['dataset']} {c['size']}" for c in report["cells"] if (_summary_row(c, "fastai") or {}).get("not_installed")]
+    if missing:
+        lines.append("fastai is not installed: its rows are empty (pip install 'autotransfer[peers]').")
     return lines
 
 
-SEED_COLUMNS = ["autotransfer", "grid best on val", *FIXED_ORDER]
+SEED_COLUMNS = ["autotransfer", "grid best on val", "probe by CV", "fastai", *FIXED_ORDER]
 
 
 def summarise_seeds(reports: list[dict]) -> dict:
     """Regrets of one bench run with several seeds, per dataset and size, and their means.
 
-    One seed's verdict is made at the noise of one draw of the held-out images (1 SE is
-    2-5 points in the quick bench); each seed redraws the training subsample, the
-    held-out half of val and the training randomness, so the mean regret over seeds is
-    what a choice costs on average, at a smaller noise.
+    One seed's verdict is made at the noise of one draw of the held-out images; each seed
+    redraws the training subsample, the selection split and the training randomness, so
+    the mean regret over seeds is what a choice costs on average, at a smaller noise. The
+    SE of autotransfer's mean regret combines the seeds' paired SEs (independent draws).
     """
     seeds = [r["settings"]["seed"] for r in reports]
     if len(reports) < 2 or len(set(seeds)) != len(seeds):
@@ -638,6 +914,8 @@ def summarise_seeds(reports: list[dict]) -> dict:
             continue
         ordered = [cells[seed] for seed in seeds]
         regrets = {name: [_seed_regret(c, name) for c in ordered] for name in SEED_COLUMNS}
+        auto_se = [c.get("autotransfer_regret_se") for c in ordered]
+        mean_se = None if any(v is None for v in auto_se) else round(math.sqrt(sum(v * v for v in auto_se)) / len(auto_se), 2)
         fixed_best = [min((r for r in (_seed_regret(c, n) for n in FIXED_ORDER) if r is not None), default=None)
                       for c in ordered]
         rows.append({
@@ -647,6 +925,7 @@ def summarise_seeds(reports: list[dict]) -> dict:
             "se_points": [c.get("heldout_se_points") for c in ordered],
             "regrets": regrets,
             "mean_regret": {name: _mean(values) for name, values in regrets.items()},
+            "autotransfer_regret_se": auto_se, "mean_regret_se": mean_se,
             "below_best_fixed": _mean([None if a is None or f is None else a - f
                                        for a, f in zip(regrets["autotransfer"], fixed_best)]),
         })
@@ -656,9 +935,7 @@ def summarise_seeds(reports: list[dict]) -> dict:
 
 
 def _seed_regret(cell: dict, name: str) -> float | None:
-    if name == "grid best on val":
-        return (cell.get("grid_best_on_val") or {}).get("regret")
-    return (_row(cell, name) or {}).get("regret")
+    return (_summary_row(cell, name) or {}).get("regret")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -672,7 +949,7 @@ def seed_verdict_lines(summary: dict) -> list[str]:
         means = [r["mean_regret"][name] for r in rows if r["mean_regret"][name] is not None]
         within = sum(m <= WITHIN_POINTS for m in means)
         lines.append(f"{name}: mean regret over seeds {summary['seeds']} within {WITHIN_POINTS:g} point of the "
-                     f"grid's best in {within} of {len(means)} cells; mean over cells {_mean(means):+.1f} points.")
+                     f"cell's best in {within} of {len(means)} cells; mean over cells {_mean(means):+.1f} points.")
     worse = [f"{r['dataset']} {r['size']} ({r['below_best_fixed']:+.1f})" for r in rows
              if r["below_best_fixed"] is not None and r["below_best_fixed"] > WITHIN_POINTS]
     lines.append("autotransfer more than 1 point below the best fixed recipe on average: "
@@ -686,12 +963,14 @@ def format_seed_summary(summary: dict) -> str:
     """Markdown: the verdict on mean regrets, then one row per dataset and size."""
     lines = ["# autotransfer bench, averaged over seeds", "",
              f"Settings: {summary['settings_text']}.  ",
-             "Regret = the grid's best held-out accuracy - the recipe's, in points, per seed "
-             "(each seed: its own subsample, held-out half of val and training run), then the mean.", "",
+             "Regret = the cell's best held-out accuracy (any row but autotransfer) - the recipe's, in points, per "
+             "seed (each seed: its own subsample, selection split and training run), then the mean; ± the SE of "
+             "autotransfer's mean from the seeds' paired SEs. within 1 pt: yes at most 1 point, no beyond 1 point "
+             "+ 1 SE, else unclear.", "",
              *seed_verdict_lines(summary), "",
-             "| dataset | train/class (images) | held-out images | 1 SE (pts) | autotransfer per seed | "
+             "| dataset | train/class (images) | held-out images | 1 SE (pts) | autotransfer per seed | autotransfer mean ± SE | "
              + " | ".join(f"{SHORT.get(n, n)} (mean)" for n in SEED_COLUMNS) + " | vs best fixed | within 1 pt |",
-             "|" + "---|" * (8 + len(SEED_COLUMNS) - 1)]
+             "|" + "---|" * (8 + len(SEED_COLUMNS))]
     for r in summary["rows"]:
         mean = r["mean_regret"]
         per_seed = ", ".join("-" if v is None else f"{v:+.1f}" for v in r["regrets"]["autotransfer"])
@@ -700,9 +979,10 @@ def format_seed_summary(summary: dict) -> str:
             r["dataset"], f"{r['size'].replace('/class', '')} ({'/'.join(map(str, sorted(set(r['train_images']))))})",
             "/".join(map(str, sorted(set(r["heldout_images"])))),
             f"{sum(se) / len(se):.1f}" if se else "-", per_seed,
+            _pm(mean["autotransfer"], r.get("mean_regret_se")),
             *["-" if mean[n] is None else f"{mean[n]:+.1f}" for n in SEED_COLUMNS],
             "-" if r["below_best_fixed"] is None else f"{r['below_best_fixed']:+.1f}",
-            "-" if mean["autotransfer"] is None else ("yes" if mean["autotransfer"] <= WITHIN_POINTS else "**no**"),
+            {"yes": "yes", "no": "**no**", "unclear": "unclear", None: "-"}[_verdict(mean["autotransfer"], r.get("mean_regret_se"))],
         ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -719,20 +999,26 @@ def _preamble(report: dict) -> list[str]:
         f"Started {report['started']}, took {report.get('seconds', 0) / 60:.1f} min"
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
-        "Held-out accuracy is on test/ where the dataset has one, else on `half of val`: a stratified "
-        "half of val/ set aside before anything runs, so no recipe and no search selects on the images "
-        "that judge it (`val*`, in older results: judged on the val/ the search selected on).",
-        "Regret = grid best - recipe, in accuracy points (negative: better than every grid point). "
-        "1 SE: the standard error of the grid best's held-out accuracy on that many images, the scale of noise "
-        "any verdict below it is made at. "
-        "The grid: frozen at each depth, and LP-FT from each cut. Same seed, splits, image size and epochs everywhere.",
+        "Held-out images judge every row and nothing selects on them: test/ where the dataset has one; else "
+        "its val/, all of it (capped only in quick mode, which says so), with the selection split drawn from "
+        f"the cell's training images as `fit` draws it; else {HOLDOUT_FRACTION:.0%} of the class folders.",
+        "Rows: the sklearn linear probe at every grid depth and at every level at once (`autotransfer.references`: "
+        "standardised pooled features, multinomial LogisticRegression with lbfgs, C by stratified 5-fold CV accuracy "
+        "on every labelled image, train + val, then refit on all: the CLIP/VTAB linear-probe protocol); the real "
+        "fastai `vision_learner` + `fine_tune` with the same weights, size, seed and epochs; the fixed recipes "
+        "from the guides; the grid (frozen at each depth, LP-FT from each cut); autotransfer (profile -> rules -> "
+        "search with fit's default budget, a count of trials, no clock).",
+        "Regret = the cell's best row (any but autotransfer) - the row, in accuracy points, ± the paired standard "
+        "error of that difference on the held-out images (per-image correctness of the two rows); a cell counts as "
+        "a win or a loss only beyond it. 'within 1 pt': yes if the regret is at most 1 point, no if it exceeds "
+        "1 point by more than its paired SE, else unclear.",
     ]
 
 
 def format_markdown(report: dict) -> str:
     lines = ["# autotransfer bench", "", *[f"{p}  " for p in _preamble(report)], "", *verdict_lines(report), ""]
     for title, header, rows in report_tables(report):
-        lines += [f"## {title}" if rows and title.startswith(("Held-out", "Wall")) else f"### {title}", ""]
+        lines += [f"## {title}" if rows and title.startswith(("Held-out", "Wall", "autotransfer against")) else f"### {title}", ""]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
@@ -762,9 +1048,11 @@ def plots(report: dict) -> list[tuple[str, str]]:
     for size, cells in by_size.items():
         fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.4), squeeze=False)
         for ax, cell in zip(axes[0], cells):
-            for family, style, label in (("frozen", "o-", "frozen at depth"), ("finetune", "s--", "fine-tuned above depth")):
+            for family, style, label in (("frozen", "o-", "frozen at depth"), ("finetune", "s--", "fine-tuned above depth"),
+                                         (REFERENCE, "^:", "sklearn probe at depth")):
                 points = sorted((r["depth"], r["heldout_accuracy"]) for r in cell["rows"]
-                                if GRID in r["kinds"] and r["family"] == family and r.get("heldout_accuracy") is not None)
+                                if (GRID in r["kinds"] or REFERENCE in r["kinds"]) and r["family"] == family
+                                and r.get("depth") is not None and _scored(r))
                 if points:
                     ax.plot(*zip(*points), style, label=label)
             auto = _row(cell, "autotransfer")
@@ -780,29 +1068,33 @@ def plots(report: dict) -> list[tuple[str, str]]:
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"Layer transfer, {size} training images")
-        images.append((f"Layer-transfer curves, {size}: held-out accuracy of a frozen extractor cut at each depth "
-                       "and of LP-FT with the groups below each depth frozen (0 = full).", _png(fig)))
+        images.append((f"Layer-transfer curves, {size} [{_tag(report)}]: held-out accuracy of a frozen extractor cut "
+                       "at each depth, of the sklearn probe on the same features, and of LP-FT with the groups below "
+                       "each depth frozen (0 = full).", _png(fig)))
         plt.close(fig)
 
-        names = [*FIXED_ORDER, "autotransfer"]
+        names = ["probe by CV", "fastai", *FIXED_ORDER, "autotransfer"]
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cells) * 1.5), 3.4))
         width = 0.8 / (len(names) + 1)
-        for i, name in enumerate([*names, "grid best"]):
+        for i, name in enumerate([*names, "cell best"]):
             values = []
             for cell in cells:
-                if name == "grid best":
-                    values.append(cell["grid_best"]["accuracy"] if cell["grid_best"] else 0)
+                if name == "cell best":
+                    best = cell.get("best") or cell.get("grid_best")
+                    values.append(best["accuracy"] if best else 0)
                 else:
-                    row = _row(cell, name) or {}
+                    row = _summary_row(cell, name) or {}
                     values.append(row.get("heldout_accuracy") or 0)
             ax.bar([j + i * width for j in range(len(cells))], values, width, label=SHORT.get(name, name))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], [c["dataset"] for c in cells])
-        lows = [min((r.get("heldout_accuracy") or 1) for r in c["rows"]) for c in cells]
+        lows = [min(((r.get("heldout_accuracy") or 1) for r in c["rows"] if AUTO in r["kinds"] or FIXED in r["kinds"]
+                     or PEER in r["kinds"]), default=1) for c in cells]
         ax.set_ylim(max(0, min(lows) - 0.05), 1.0)
         ax.set_ylabel("held-out accuracy")
         ax.legend(fontsize=7, ncol=3)
         ax.set_title(f"Recipes, {size} training images")
-        images.append((f"Recipes, {size}: held-out accuracy.", _png(fig)))
+        images.append((f"Recipes, {size} [{_tag(report)}]: held-out accuracy (the sklearn probe at the depth its "
+                       "CV picks, the real fastai, the fixed recipes, autotransfer, and the cell's best row).", _png(fig)))
         plt.close(fig)
     return images
 

@@ -18,7 +18,7 @@ import click
 from autotransfer import __version__
 from autotransfer.backbones import DEFAULT_BACKBONE
 from autotransfer.errors import AutotransferError, DataError
-from autotransfer.plan import BN_MODES, STRATEGIES, Plan
+from autotransfer.plan import AUGMENTS, BN_MODES, STRATEGIES, Plan
 
 
 class _Group(click.Group):
@@ -83,7 +83,9 @@ _PLAN_OPTIONS = [
     click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),
     click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full)."),
     click.option("--lr", type=float, default=1e-3, help="Learning rate of the head while fine-tuning (the linear probe before it tunes its own penalty by cross-validation)."),
-    click.option("--backbone-lr-ratio", type=float, default=0.1, help="Backbone learning rate as a fraction of --lr."),
+    click.option("--backbone-lr-ratio", type=float, default=0.3, help="Backbone learning rate as a fraction of --lr."),
+    click.option("--augment", type=click.Choice(AUGMENTS), default="crop", help="Fine-tuning augmentation: crop (flip + reflect-padded shift) or strong (fastai's kind: resized crop, rotation, lighting)."),
+    click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, help="Label smoothing of the fine-tuning loss."),
     click.option("--refit/--no-refit", default=True, show_default=True, help="frozen: when DATA has no val/, refit the cross-validated probe on train and val together (val scores are then out-of-fold)."),
     click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data)."),
     click.option("--batch-size", type=int, default=32),
@@ -429,7 +431,7 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--per-class", "per_class", multiple=True, default=("10", "50", "all"),
               help="Training images per class: a number or 'all'; repeat for several sizes. A seeded, stratified subsample of train only.")
 @click.option("--quick", is_flag=True,
-              help="CPU-sized: 64 px, 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, a dataset's own val/ and the held-out images at 50/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget; every table says so. Options below override it.")
+              help="CPU-sized: 64 px, 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, a dataset's own val/ at 50/class and the held-out images at 200/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget; every table says so. Options below override it.")
 @click.option("--backbone", default=DEFAULT_BACKBONE, help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else what fit chooses per dataset: 128 for images under 96 px, else the backbone's].")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torchvision.transforms as T
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -40,18 +41,23 @@ def eval_transform(prep: Preprocessing) -> Callable:
     )
 
 
-def train_transform(prep: Preprocessing) -> Callable:
-    """Mild augmentation: small datasets do not survive timm's ImageNet-strength defaults."""
-    return create_transform(
-        input_size=(3, prep.input_size, prep.input_size),
-        is_training=True,
-        scale=(0.5, 1.0),
-        hflip=0.5,
-        color_jitter=0.1,
-        interpolation=prep.interpolation,
-        mean=prep.mean,
-        std=prep.std,
-    )
+def train_transform(prep: Preprocessing, augment: str = "crop") -> Callable:
+    """Fine-tuning augmentation (Plan.augment). "crop": the eval view, flipped and shifted
+    by a reflect-padded random crop (an eighth of the size), what the LP-FT reference of
+    issue 15 used; "strong": fastai's `aug_transforms` kind, a random resized crop of 35-100 %
+    of the image, flips, rotation up to 10 degrees, brightness and contrast jitter 0.2."""
+    size = prep.input_size
+    interpolation = T.InterpolationMode(prep.interpolation if prep.interpolation in ("bilinear", "bicubic") else "bilinear")
+    finish = [T.ToTensor(), T.Normalize(prep.mean, prep.std)]
+    if augment == "strong":
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interpolation), T.RandomHorizontalFlip(),
+            T.RandomRotation(10, interpolation=interpolation), T.ColorJitter(0.2, 0.2), *finish,
+        ])
+    return T.Compose([
+        T.Resize(int(size / prep.crop_pct), interpolation=interpolation), T.CenterCrop(size),
+        T.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"), T.RandomHorizontalFlip(), *finish,
+    ])
 
 
 class ImageDataset(Dataset):

@@ -17,6 +17,7 @@ from autotransfer.errors import PlanError
 
 STRATEGIES = ("frozen", "partial", "full")
 BN_MODES = ("frozen", "train")
+AUGMENTS = ("crop", "strong")  # features.train_transform
 
 
 @dataclass
@@ -31,20 +32,26 @@ class Plan:
     # BatchNorm of the blocks being fine-tuned: "frozen" keeps ImageNet running statistics
     # (eval mode); "train" lets them adapt. Frozen blocks are always in eval mode.
     bn_mode: str = "frozen"
+    # fine-tuning augmentation: "crop" (flip + reflect-padded shift) or "strong" (fastai's
+    # aug_transforms kind: resized crop, rotation, lighting)
+    augment: str = "crop"
+    # fine-tuning loss: cross-entropy with label smoothing (Szegedy et al. 2016)
+    label_smoothing: float = 0.1
     weights: str = "pretrained"  # "pretrained", "random" or a state-dict file
     image_size: int | None = None  # None: the backbone's pretrained input size
     # Every strategy starts from a linear probe on cached features (its penalty chosen by
     # cross-validation, `autotransfer.probe`); these are the fine-tuning stage's settings.
     epochs: int = 6  # fine-tuning epochs (partial/full)
     lr: float = 1e-3  # head learning rate while fine-tuning
-    backbone_lr_ratio: float = 0.1  # backbone lr = lr * ratio
+    backbone_lr_ratio: float = 0.3  # backbone lr = lr * ratio (issue 15's LP-FT reference: 3e-4 / 1e-3)
     weight_decay: float = 1e-4
     class_weighting: bool = False  # inverse-frequency loss weights for imbalanced classes
     # partial/full: train the linear head on cached features first (LP-FT). False starts
     # fine-tuning from a random head, as plain fine-tuning does (a baseline for benchmarks).
     lp_init: bool = True
-    # frozen: when autotransfer drew val from train (no val/ folder), refit the probe on
-    # train and val together after cross-validating on them
+    # When autotransfer drew val from train (no val/ folder): a frozen probe is refit on
+    # train and val together after cross-validating on them, and a search's fine-tuned
+    # winner is retrained on both for the epoch count that was best on the split
     refit: bool = True
     batch_size: int = 32
     val_fraction: float = 0.2
@@ -57,6 +64,10 @@ class Plan:
             raise PlanError(f"strategy must be one of {', '.join(STRATEGIES)}, but got '{self.strategy}'")
         if self.bn_mode not in BN_MODES:
             raise PlanError(f"bn_mode must be one of {', '.join(BN_MODES)}, but got '{self.bn_mode}'")
+        if self.augment not in AUGMENTS:
+            raise PlanError(f"augment must be one of {', '.join(AUGMENTS)}, but got '{self.augment}'")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise PlanError(f"label_smoothing must be in [0, 1), but got {self.label_smoothing}")
         if self.strategy == "partial" and self.cut is None:
             raise PlanError("strategy 'partial' needs a cut: --cut N freezes the N lowest groups")
         if self.strategy != "partial" and self.cut is not None:
@@ -91,8 +102,8 @@ class Plan:
         kinds = {
             int: ("epochs", "batch_size", "seed"),
             (int, type(None)): ("cut", "feature_level", "image_size"),
-            (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction"),
-            str: ("backbone", "strategy", "bn_mode", "weights"),
+            (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction", "label_smoothing"),
+            str: ("backbone", "strategy", "bn_mode", "weights", "augment"),
             bool: ("all_levels", "class_weighting", "lp_init", "refit"),
             list: ("reasons",),
         }
@@ -134,5 +145,6 @@ def describe(plan: Plan) -> str:
     what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
             "full": "full fine-tuning"}[plan.strategy]
     return f"{plan.backbone}, {what} at {depth}" + (
-        f", lr {plan.lr:.2g}, {plan.epochs} epochs, bn {plan.bn_mode}" if plan.strategy != "frozen" else ""
+        f", lr {plan.lr:.2g}, {plan.epochs} epochs, bn {plan.bn_mode}, {plan.augment} augmentation"
+        if plan.strategy != "frozen" else ""
     )

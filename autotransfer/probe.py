@@ -91,7 +91,7 @@ def fit_probe(
     fit_on: torch.Tensor | None = None,
 ) -> ProbeFit:
     """Cross-validate C over C_GRID on all of (features, labels), then fit the head at the
-    C with the best mean out-of-fold balanced accuracy (ties: the stronger penalty) on the
+    C with the best mean out-of-fold balanced accuracy (ties: the lower log-loss) on the
     images `fit_on` selects (a boolean mask; default all of them).
 
     `standardise` False: the features come standardised already (a MultiLevelNet's
@@ -122,7 +122,11 @@ def fit_probe(
             log_proba[i][np.ix_(test_idx, model.classes_)] = model.predict_log_proba(z[test_idx])
     predicted = log_proba.argmax(2)
     scores = [balanced_accuracy_of(p.tolist(), y.tolist()) for p in predicted]
-    best = int(np.argmax(scores))  # first maximum: the strongest penalty among ties
+    # ties (common on few images) go to the lower out-of-fold log-loss: the strongest
+    # penalty among them would shrink the head to a scale-less one that only its bias
+    # moves, useless to start fine-tuning from
+    losses = -np.maximum(log_proba[:, np.arange(len(y)), y], -20.0).mean(1)
+    best = max(range(len(C_GRID)), key=lambda i: (scores[i], -losses[i]))
     final = _model(C_GRID[best], class_weighting)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

@@ -17,6 +17,8 @@ from autotransfer.strategies import depth_of
 FIXED = "fixed"  # a recipe users pick by hand
 GRID = "grid"  # one point of the per-depth grid
 AUTO = "auto"  # autotransfer's own choice
+REFERENCE = "reference"  # the independent scikit-learn linear probe (`autotransfer.references`)
+PEER = "peer"  # another library's own training (`autotransfer.peers`)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,10 @@ class Recipe:
 
 
 def fixed_recipes(base: Plan) -> list[Recipe]:
-    """The recipes from the guides, with the same epochs, image size and seed as `base`."""
+    """The recipes from the guides, with the same epochs, image size and seed as `base`.
+
+    fastai's fine_tune is not imitated here: the bench runs the real library beside these
+    (`autotransfer.peers`)."""
     frozen = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=False, reasons=[])
     full = replace(frozen, strategy="full")
     return [
@@ -40,12 +45,6 @@ def fixed_recipes(base: Plan) -> list[Recipe]:
             "Keras guide: train the head, then unfreeze everything at a low lr "
             "(backbone lr = head lr x 0.01, BN kept in inference mode)",
             replace(full, backbone_lr_ratio=0.01, bn_mode="frozen"),
-        ),
-        Recipe(
-            "fastai-fine-tune", FIXED, "finetune",
-            "fastai fine_tune: 1 frozen epoch for the head, then all unfrozen with a lower "
-            "backbone lr (x 0.1), BatchNorm training",
-            replace(full, head_epochs=1, backbone_lr_ratio=0.1, bn_mode="train"),
         ),
         Recipe(
             "plain-full-ft", FIXED, "finetune",

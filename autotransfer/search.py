@@ -25,7 +25,7 @@ import optuna
 
 from autotransfer.errors import AutotransferError, RunError
 from autotransfer.metrics import balanced_accuracy_gap_se
-from autotransfer.plan import Plan
+from autotransfer.plan import AUGMENTS, Plan
 from autotransfer.strategies import all_levels_supported, depth_of
 
 STUDY_NAME = "autotransfer"
@@ -186,6 +186,7 @@ def plan_from_params(params: dict, base: Plan) -> Plan:
         backbone_lr_ratio=params.get("backbone_lr_ratio", base.backbone_lr_ratio) if tuned else base.backbone_lr_ratio,
         epochs=params.get("epochs", base.epochs) if tuned else base.epochs,
         bn_mode=params.get("bn_mode", base.bn_mode) if tuned else base.bn_mode,
+        augment=params.get("augment", base.augment) if tuned else base.augment,
         reasons=[],
     )
 
@@ -209,6 +210,7 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
         params.update(
             lr=plan.lr, weight_decay=plan.weight_decay,
             backbone_lr_ratio=plan.backbone_lr_ratio, epochs=plan.epochs, bn_mode=plan.bn_mode,
+            augment=plan.augment,
         )
     return params
 
@@ -231,6 +233,7 @@ def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
         params["backbone_lr_ratio"] = trial.suggest_float("backbone_lr_ratio", 0.01, 0.5, log=True)
         params["epochs"] = trial.suggest_int("epochs", 2, 10)
         params["bn_mode"] = trial.suggest_categorical("bn_mode", ["frozen", "train"])
+        params["augment"] = trial.suggest_categorical("augment", list(AUGMENTS))
     return params
 
 
@@ -319,11 +322,12 @@ def _waiting(study: optuna.Study) -> int:
 
 
 def _score_key(t: optuna.trial.FrozenTrial) -> tuple:
-    """Highest val balanced accuracy; exact ties go to the lower val loss (as between
-    epochs in training), then to higher macro-F1, then to the cheaper trial."""
+    """Highest objective; exact ties go to the lower val loss (as between epochs in
+    training), then to higher macro-F1, then to the earlier trial (the rules' rank). Not
+    to the faster one: seconds follow the machine's load, and a decision must not."""
     loss = t.user_attrs.get("val_loss")
     return (t.value, -(loss if loss is not None else float("inf")),
-            t.user_attrs.get("macro_f1", 0.0), -t.user_attrs.get("seconds", 0.0))
+            t.user_attrs.get("macro_f1", 0.0), -t.number)
 
 
 def gap_standard_error(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial, on: str = "val_predictions") -> float:
@@ -353,16 +357,27 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AutotransferError("no trial finished; raise --trials or --time-budget")
-    frozen = _best_of([t for t in complete if is_frozen(t)], "cv_predictions")
-    tuned = _best_of([t for t in complete if not is_frozen(t)], "val_predictions")
+    frozen = _best_of([t for t in complete if is_frozen(t)])
+    tuned = _best_of([t for t in complete if not is_frozen(t)])
     if frozen is None or tuned is None:
         return frozen or tuned
     return tuned if finetuning_wins(tuned, frozen) else frozen
 
 
+def shared_images(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> str:
+    """Which predictions two trials are compared on: their cross-validation on every
+    labelled image where both have one (frozen trials; fine-tuned ones on small data),
+    else the val split."""
+    ca, cb = a.user_attrs.get("cv_predictions"), b.user_attrs.get("cv_predictions")
+    return "cv_predictions" if ca and cb and ca["target"] == cb["target"] else "val_predictions"
+
+
 def finetuning_wins(tuned: optuna.trial.FrozenTrial, frozen: optuna.trial.FrozenTrial) -> bool:
-    """Higher val balanced accuracy than the frozen trial on the same val images; a tie
-    keeps the frozen one (cheaper, and its head saw more images)."""
+    """Higher balanced accuracy than the frozen trial on the same images (every labelled
+    image where both were cross-validated, else val); a tie keeps the frozen one
+    (cheaper, and its probe saw every image)."""
+    if shared_images(tuned, frozen) == "cv_predictions":
+        return tuned.value > frozen.value
     return _val_score(tuned) > _val_score(frozen)
 
 
@@ -370,7 +385,7 @@ def _val_score(trial: optuna.trial.FrozenTrial) -> float:
     return trial.user_attrs.get("val_balanced_accuracy", trial.value)
 
 
-def _best_of(trials: list[optuna.trial.FrozenTrial], on: str) -> optuna.trial.FrozenTrial | None:
+def _best_of(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
     if not trials:
         return None
     top = max(trials, key=_score_key)
@@ -378,7 +393,7 @@ def _best_of(trials: list[optuna.trial.FrozenTrial], on: str) -> optuna.trial.Fr
     if not from_rules or top.user_attrs.get("reasons"):
         return top
     prior = max(from_rules, key=_score_key)
-    real_lead = top.value - prior.value > SAMPLED_LEAD_STANDARD_ERRORS * gap_standard_error(top, prior, on)
+    real_lead = top.value - prior.value > SAMPLED_LEAD_STANDARD_ERRORS * gap_standard_error(top, prior, shared_images(top, prior))
     return top if real_lead else prior
 
 
@@ -386,7 +401,7 @@ def write_leaderboard(study: optuna.Study, path: Path) -> None:
     """One row per trial: state, balanced accuracy (the objective), accuracy, seconds, plan
     essentials, whether a rule queued it."""
     fields = ["trial", "state", "val_balanced_accuracy", "val_accuracy", "val_loss", "macro_f1", "seconds",
-              "backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "epochs", "lr", "backbone_lr_ratio",
+              "backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "augment", "epochs", "lr", "backbone_lr_ratio",
               "weight_decay", "class_weighting", "from_rules"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -408,28 +423,29 @@ def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
     """How the search decided, in one sentence with its numbers and their noise."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     family = [t for t in complete if is_frozen(t) == is_frozen(best)]
-    on = "cv_predictions" if is_frozen(best) else "val_predictions"
-    score = "cross-validated balanced accuracy" if is_frozen(best) else "val balanced accuracy"
+    score = "cross-validated balanced accuracy" if best.user_attrs.get("cv_predictions") else "val balanced accuracy"
     why = f"won the search: trial {best.number} of {len(study.trials)}, {score} {best.value:.4f}"
     top = max(family, key=_score_key)
     if top.number != best.number:
         why += (
             f", kept over sampled trial {top.number} ({top.value:.4f}): a lead within "
-            f"{SAMPLED_LEAD_STANDARD_ERRORS:g} standard error of the gap ({gap_standard_error(top, best, on):.4f}) is noise"
+            f"{SAMPLED_LEAD_STANDARD_ERRORS:g} standard error of the gap ({gap_standard_error(top, best, shared_images(top, best)):.4f}) is noise"
         )
     else:
         runner_up = max((t for t in family if t.number != best.number), key=_score_key, default=None)
         if runner_up is not None:
             why += f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})"
-    other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)],
-                     "val_predictions" if is_frozen(best) else "cv_predictions")
+    other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)])
     if other is not None:
         tuned, frozen = (other, best) if is_frozen(best) else (best, other)
         verdict = "beat" if best is tuned else "did not beat"
+        on = shared_images(tuned, frozen)
+        scores = (tuned.value, frozen.value) if on == "cv_predictions" else (_val_score(tuned), _val_score(frozen))
+        where = "every labelled image (cross-validated)" if on == "cv_predictions" else "the same val images"
         why += (
-            f"; fine-tuned trial {tuned.number} {verdict} frozen trial {frozen.number} on the same val images: "
-            f"{_val_score(tuned):.4f} vs {_val_score(frozen):.4f} balanced accuracy, "
-            f"paired standard error {gap_standard_error(tuned, frozen):.4f}"
+            f"; fine-tuned trial {tuned.number} {verdict} frozen trial {frozen.number} on {where}: "
+            f"{scores[0]:.4f} vs {scores[1]:.4f} balanced accuracy, "
+            f"paired standard error {gap_standard_error(tuned, frozen, on):.4f}"
         )
     return why
 

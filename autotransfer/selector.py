@@ -20,7 +20,7 @@ from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
 from autotransfer.predict import evaluate_records
 from autotransfer.profile import Profile, profile_dataset
-from autotransfer.rules import rank_plans, rank_plans_across_backbones
+from autotransfer.rules import THRESHOLDS, rank_plans, rank_plans_across_backbones
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
@@ -30,7 +30,7 @@ from autotransfer.search import (
     run_search,
 )
 from autotransfer.strategies import Preprocessing, build_net
-from autotransfer.train import fit
+from autotransfer.train import CV_FINETUNE_MAX_IMAGES, cross_validate, fit, refit
 
 if TYPE_CHECKING:
     import optuna
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 # Each candidate costs a profile (one pass over at most --max-images images) before the
 # search starts: measured on 2 CPU cores, 35-120 s at 400 images of 224-260 px.
 MAX_DEFAULT_BACKBONES = 3
+# The installed backbones beyond the default are profiled only on at least this many
+# labelled images: one standard error of a k-NN accuracy near 0.8 is 0.02 on 400 images,
+# the margin a costlier backbone must win by (rules.Thresholds.backbone_knn_margin), so on
+# fewer they could not change the ranking, and their profiles were most of a small fit.
+MIN_IMAGES_TO_RANK_BACKBONES = 400
 
 
 def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | None = None) -> Callable:
@@ -53,16 +58,28 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
         log(f"trial {int(trial_dir.name)}" + ("" if left is None else f" ({max(0, left):.0f}s of the search budget left)")
             + f": {describe(plan)}")
         try:
-            result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
-                         max_seconds=left, evaluate_test=False)
+            if cross_validates(scan, plan):
+                result = cross_validate(scan, plan, trial_dir, log=log)
+            else:
+                result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
+                             max_seconds=left, evaluate_test=False)
         except Exception as exc:  # pruned (the search goes on) or failed: say which before it propagates
             log(f"  -> {exc}")
             raise
-        val = result.metrics["val"]
-        log(f"  -> val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, in {result.seconds:.0f}s")
+        cv = result.metrics.get("cv")
+        score = (f"cross-validated balanced accuracy {cv['balanced_accuracy']:.4f} on {cv['n']} images" if cv else
+                 f"val accuracy {result.metrics['val']['accuracy']:.4f}, balanced {result.metrics['val']['balanced_accuracy']:.4f}")
+        log(f"  -> {score}, in {result.seconds:.0f}s")
         return result.metrics
 
     return run
+
+
+def cross_validates(scan: DatasetScan, plan: Plan) -> bool:
+    """Is a fine-tuning trial judged by k-fold CV (`train.cross_validate`) rather than on
+    val? Where the tool drew val and every labelled image fits CV_FINETUNE_MAX_IMAGES."""
+    n = len(scan.splits["train"]) + len(scan.splits["val"])
+    return plan.strategy != "frozen" and plan.epochs > 0 and plan.lp_init and plan.refit and scan.val_drawn and n <= CV_FINETUNE_MAX_IMAGES
 
 
 def search_config(
@@ -102,17 +119,24 @@ def select_and_fit(
     if config.time_budget is not None:  # the shared feature pass is part of the search
         config = replace(config, time_budget=max(1.0, config.time_budget - (time.monotonic() - start)))
     run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
-    return _adopt_and_test(study, run_dir, scan)
+    return _adopt_and_test(study, run_dir, scan, log)
 
 
-def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan) -> Plan:
-    """Adopt the best trial into RUN, then score it on test/ (trials never saw test/)."""
+def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan, log: Callable[[str], None]) -> Plan:
+    """Adopt the best trial into RUN, refit a fine-tuned winner on every labelled image
+    where the tool drew val itself (a frozen one was refit in its trial), then score it
+    on test/ (trials never saw test/)."""
     plan, _ = adopt_best(study, run_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    if plan.refit and scan.val_drawn and metrics.get("kept") == "finetuned" and "refit" not in metrics:
+        epochs = metrics["stages"]["finetune_best_epoch"]
+        log(f"refit: the winner again on train + val ({len(scan.splits['train']) + len(scan.splits['val'])} images), "
+            f"{epochs} epochs (its best on the split); --no-refit keeps the split's model")
+        metrics["refit"] = {"images": refit(scan, plan, run_dir, epochs), "epochs": epochs}
     if scan.splits.get("test"):
-        metrics_path = run_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text())
         metrics["test"] = evaluate_records(run_dir, scan.splits["test"], scan.classes)
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return plan
 
 
@@ -160,7 +184,7 @@ def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None
         fill_queue(study, config.trials)  # refill the places of trials a kill failed
     scan = scan_folder(config.data, config.base.val_fraction, config.base.seed)
     run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
-    return _adopt_and_test(study, run_dir, scan) if adopt else None
+    return _adopt_and_test(study, run_dir, scan, log) if adopt else None
 
 
 def profile_and_rank(
@@ -168,16 +192,24 @@ def profile_and_rank(
     backbones: list[str] | None = None, optional_backbones: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Profile], list[Plan]]:
-    """Profile the data for each backbone named (default: the base Plan's) and each of
-    `optional_backbones` (the other installed ones), then let the rules rank backbones and
-    Plans. The leading backbone's profile comes first. Nothing here depends on how fast
-    the machine is: backbones are costed in FLOPs, not seconds."""
+    """Profile the data for each backbone named (default: the base Plan's) and, on data of
+    at least MIN_IMAGES_TO_RANK_BACKBONES images, each of `optional_backbones` (the other
+    installed ones); then let the rules rank backbones and Plans. The leading backbone's
+    profile comes first. Nothing here depends on how fast the machine is: backbones are
+    costed in FLOPs, not seconds."""
+    optional = list(optional_backbones or [])
+    n_images = len(scan.splits["train"]) + len(scan.splits.get("val", []))
+    if optional and n_images < MIN_IMAGES_TO_RANK_BACKBONES:
+        log(f"not profiled: {', '.join(optional)} ({n_images} images: a k-NN accuracy on fewer than "
+            f"{MIN_IMAGES_TO_RANK_BACKBONES} cannot resolve the {THRESHOLDS.backbone_knn_margin:g} margin that ranks "
+            "backbones); name them with --backbone to compare them anyway")
+        optional = []
     profiles = [
         profile_dataset(
             scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
             val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
         )
-        for name in dict.fromkeys([*(backbones or [base.backbone]), *(optional_backbones or [])])
+        for name in dict.fromkeys([*(backbones or [base.backbone]), *optional])
     ]
     costs = {} if len(profiles) == 1 else {p.backbone: forward_flops(rank_plans(p, base)[0]) for p in profiles}
     plans = rank_plans_across_backbones(profiles, costs, base)

@@ -65,7 +65,7 @@ def main() -> int:
         for i in range(args.repeats):
             auto = run_autotransfer(scan, base, work / f"auto-{i}", trials=None, log=print, optional_backbones=optional)
             print(f"whole fit: {auto['seconds']:.1f} s (profiles of {', '.join(auto['backbones_profiled'])} "
-                  f"{auto['profile_seconds']:.1f} s, budget {auto['budget_seconds']:.0f} s, {auto['trials_run']} "
+                  f"{auto['profile_seconds']:.1f} s, {auto['trials_run']} "
                   f"trials) -> {auto['choice']}, val accuracy {auto['val_accuracy']:.4f}", flush=True)
             chosen = auto["chosen_plan"]["backbone"]
             full_plan = Plan(chosen, "full", image_size=args.image_size, seed=args.seed)

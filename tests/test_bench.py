@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from autotransfer.bench import (
-    BenchSettings, cap_split, has_test_folder, parse_sizes, scan_datasets, subsample, summarise_seeds,
+    HOLDOUT_FRACTION, BenchSettings, cap_split, draw_val, duel, has_test_folder, parse_sizes, scan_datasets,
+    score_cell, subsample, summarise_seeds,
 )
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
@@ -47,32 +48,37 @@ def test_subsample_is_seeded_stratified_and_touches_only_train(split_folder: Pat
     assert subsample(scan, None, seed=0) is scan
 
 
-def test_class_folders_draw_val_first_then_subsample_train(image_folder: Path) -> None:
+def test_class_folders_hold_out_a_quarter_then_each_cell_draws_its_val(image_folder: Path) -> None:
     (scan,) = scan_datasets([image_folder], BenchSettings(seed=0))
-    drawn = paths(scan_folder(image_folder, 0.2, 0).splits["val"])
-    assert sorted(paths(scan.splits["val"]) + paths(scan.splits["test"])) == sorted(drawn)
-    small = subsample(scan, 2, seed=0)
-    assert small.splits["val"] is scan.splits["val"]
-    assert not set(paths(small.splits["train"])) & set(paths(scan.splits["val"]))
+    everything = paths(scan_folder(image_folder, None).splits["train"])
+    assert "val" not in scan.splits and scan.val_drawn
+    assert sorted(paths(scan.splits["train"]) + paths(scan.splits["test"])) == sorted(everything)
+    assert Counter(r.label for r in scan.splits["test"]) == {0: 2, 1: 2, 2: 2}  # 25% of 8 per class
+    assert HOLDOUT_FRACTION == 0.25
+    cell = draw_val(subsample(scan, 4, seed=0), 0.2, seed=0)  # what fit would draw from 4 images/class
+    assert cell.val_drawn and Counter(r.label for r in cell.splits["val"]) == {0: 1, 1: 1, 2: 1}
+    assert len(cell.splits["train"]) == 9 and cell.splits["test"] is scan.splits["test"]
+    assert not set(paths(cell.splits["train"]) + paths(cell.splits["val"])) & set(paths(scan.splits["test"]))
 
 
-def test_without_a_test_split_half_of_val_is_held_out_stratified(split_folder: Path, tmp_path: Path) -> None:
-    """What judges a recipe is never what it (or the search) selected on."""
+def test_without_a_test_split_all_of_val_is_held_out(split_folder: Path, tmp_path: Path) -> None:
+    """What judges a recipe is never what it (or the search) selected on: val/ is held out
+    whole, and the selection split is drawn from train as `fit` draws it."""
     root = tmp_path / "no-test"
     for split in ("train", "val"):
         shutil.copytree(split_folder / split, root / split)
     (scan,) = scan_datasets([root], BenchSettings(seed=0))
     original = scan_folder(root)
-    val, test = scan.splits["val"], scan.splits["test"]
-    assert not set(paths(val)) & set(paths(test))
-    assert sorted(paths(val) + paths(test)) == sorted(paths(original.splits["val"]))
-    assert Counter(r.label for r in test) == Counter(r.label for r in val) == {0: 1, 1: 1, 2: 1}
-    assert paths(scan.splits["train"]) == paths(original.splits["train"])
+    assert paths(scan.splits["test"]) == paths(original.splits["val"]) and "val" not in scan.splits
+    assert paths(scan.splits["train"]) == paths(original.splits["train"]) and scan.val_drawn
     assert not has_test_folder(scan)
+    assert "held-out images capped at 200/class" in BenchSettings.quick_mode().describe()  # quick mode says so
+    assert "every held-out image" in BenchSettings().describe()
 
     (with_test,) = scan_datasets([split_folder], BenchSettings(seed=0))
-    assert has_test_folder(with_test)
+    assert has_test_folder(with_test) and not with_test.val_drawn
     assert paths(with_test.splits["val"]) == paths(scan_folder(split_folder).splits["val"])
+    assert draw_val(with_test, 0.2, 0) is with_test  # its own val/ stays the selection split
 
 
 def test_caps_keep_class_proportions_and_other_splits(split_folder: Path) -> None:
@@ -95,7 +101,7 @@ def test_parse_sizes() -> None:
 def test_recipes_are_plans_of_the_same_budget() -> None:
     base = Plan("test_efficientnet", epochs=3, image_size=32, seed=7)
     fixed = {r.name: r.plan for r in fixed_recipes(base)}
-    assert fixed["keras-two-stage"].backbone_lr_ratio == 0.01 and fixed["fastai-fine-tune"].head_epochs == 1
+    assert fixed["keras-two-stage"].backbone_lr_ratio == 0.01 and "fastai-fine-tune" not in fixed  # the real one runs
     assert fixed["plain-full-ft"].lp_init is False and fixed["frozen-top"].strategy == "frozen"
     grid = grid_recipes(base)  # test_efficientnet: 6 coarse groups, 5 feature levels
     assert [r.name for r in grid] == [*(f"frozen-L{i}" for i in range(5)), "frozen-top",
@@ -131,37 +137,71 @@ def tiny_bench(split_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out, result.output
 
 
-def test_tiny_bench_writes_every_recipe_with_regret(tiny_bench: tuple[Path, str]) -> None:
+def test_tiny_bench_writes_every_row_with_regret_and_paired_se(tiny_bench: tuple[Path, str]) -> None:
     out, output = tiny_bench
-    assert "within 1 point of the grid's best" in output and "the grid point best on val" in output
+    assert "within 1 point of the cell's best" in output and "autotransfer vs grid best on val" in output
     report = json.loads((out / "bench.json").read_text())
     (cell,) = report["cells"]
     assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
-    assert cell["heldout_from_val"] is False and "; held-out: test" in output  # the folder has its own test/
+    assert cell["heldout_source"] == "test/" and "held-out 6 (test/)" in output  # the folder has its own test/
     names = [r["recipe"] for r in cell["rows"]]
-    # quick grid on 6 groups: frozen at every level and the top; fine-tuned from the middle and full
-    assert names == ["frozen-top", "keras-two-stage", "fastai-fine-tune", "plain-full-ft",
+    # probes at every grid depth and all levels; fastai; the fixed recipes; the quick grid on
+    # 6 groups (frozen at every level and the top, fine-tuned from the middle and full)
+    assert names == [*(f"probe-L{i}" for i in range(5)), "probe-top", "probe-all", "fastai",
+                     "frozen-top", "keras-two-stage", "plain-full-ft",
                      *(f"frozen-L{i}" for i in range(5)), "partial-cut3", "full", "autotransfer"]
-    assert all("error" not in r for r in cell["rows"]), [r.get("error") for r in cell["rows"]]
-    best = max(r["heldout_accuracy"] for r in cell["rows"] if "grid" in r["kinds"])
-    for row in cell["rows"]:
+    fastai = cell["rows"][7]
+    assert fastai.get("not_installed") or "error" not in fastai, fastai.get("error")
+    scored = [r for r in cell["rows"] if not r.get("not_installed")]
+    assert all("error" not in r for r in scored), [r.get("error") for r in scored]
+    targets = cell["heldout_targets"]
+    best = max(r["heldout_accuracy"] for r in scored if r["recipe"] != "autotransfer")
+    for row in scored:
+        assert len(row["heldout_predicted"]) == len(targets) == 6
+        assert row["heldout_accuracy"] == pytest.approx(sum(p == t for p, t in zip(row["heldout_predicted"], targets)) / 6)
         assert row["regret"] == pytest.approx(100 * (best - row["heldout_accuracy"]), abs=0.01)
+        assert row["regret_se"] is not None and row["regret_se"] >= 0
         assert row["seconds"] > 0
+    assert cell["best"]["accuracy"] == best
     assert cell["within_1_point"] == (cell["autotransfer_regret"] <= 1.0)
+    assert cell["verdict"] in ("yes", "no", "unclear")
     assert cell["heldout_se_points"] == pytest.approx(100 * math.sqrt(best * (1 - best) / 6), abs=0.01)
+    assert cell["probe_by_cv"]["recipe"].startswith("probe-") and set(cell["duels"]) >= {"probe by CV", "fastai", "grid best on val"}
     auto = cell["rows"][-1]
-    assert auto["trials_run"] == 2 and auto["choice"].startswith("test_efficientnet")
+    assert auto["trials_run"] == 2 and auto["choice"].startswith("test_efficientnet") and auto["budget_seconds"] is None
     assert report["command"].startswith("autotransfer bench") and report["versions"]["torch"]
     assert report["settings"]["image_size"] == 32 and report["settings"]["quick"] is True
+    assert "head_epochs" not in report["settings"] and report["versions"]["scikit-learn"]
 
     markdown = (out / "bench.md").read_text()
-    assert "regret" in markdown and "| autotransfer |" in markdown and "| 1 SE (pts) |" in markdown
+    assert "regret" in markdown and "| autotransfer |" in markdown and "paired SE" in markdown
     for name in names:
         assert f"| {name} |" in markdown
+    titles = [line for line in markdown.splitlines() if line.startswith("#") and line != "# autotransfer bench"]
+    assert len(titles) == 4 and all("[QUICK: 32 px, 1 epoch, seed 0" in t for t in titles)  # every table says it
     html = (out / "bench.html").read_text()
     assert "<table>" in html and "http" not in html.replace("http-equiv", "")  # self-contained
     pytest.importorskip("matplotlib")
     assert html.count("data:image/png;base64,") == 2  # curves and recipes for the one size
+
+
+def test_wins_and_losses_count_only_beyond_the_paired_se() -> None:
+    targets = [0] * 10 + [1] * 10
+    right = list(targets)
+    two_wrong = [1, 1] + targets[2:]
+    auto = {"recipe": "autotransfer", "kinds": ["auto"], "heldout_accuracy": 0.9, "heldout_predicted": two_wrong}
+    other = {"recipe": "frozen-top", "kinds": ["fixed", "grid"], "heldout_accuracy": 1.0, "heldout_predicted": right,
+             "val_accuracy": 1.0}
+    se = 100 * math.sqrt(sum((d - (-0.1)) ** 2 for d in [-1, -1] + [0] * 18) / 19 / 20)  # SE of the mean difference
+    gap = duel(auto, other, targets)
+    assert gap["gap"] == -10.0 and gap["se"] == pytest.approx(se, abs=0.01) and gap["outcome"] == "loss"
+    one_wrong = {**auto, "heldout_accuracy": 0.95, "heldout_predicted": [1] + targets[1:]}
+    assert duel(one_wrong, other, targets)["outcome"] == "tie"  # 5 points, but within its SE (5.0)
+    cell = score_cell({"rows": [other, auto], "heldout_targets": targets, "images": {"test": 20}, "heldout": "test"})
+    assert cell["autotransfer_regret"] == 10.0 and cell["autotransfer_regret_se"] == pytest.approx(se, abs=0.01)
+    assert cell["verdict"] == "no"  # 10 points behind, beyond 1 point + 1 SE (6.9)
+    cell = score_cell({"rows": [other, one_wrong], "heldout_targets": targets, "images": {"test": 20}, "heldout": "test"})
+    assert cell["verdict"] == "unclear"
 
 
 def test_seed_summary_averages_each_cells_regrets_over_seeds(
@@ -263,7 +303,6 @@ def test_autotransfer_row_can_choose_among_backbones_as_fit_does(
     from autotransfer.bench import run_autotransfer
     from autotransfer.search import SearchConfig
 
-    monkeypatch.setattr("autotransfer.selector.PROFILE_SHARE", 1e9)  # whatever this machine's speed
     base = Plan(**{**FAST, "backbone": "test_efficientnet"})
     row = run_autotransfer(scan_folder(image_folder), base, tmp_path / "run", trials=2, max_images=24,
                            log=lambda _: None, optional_backbones=["test_resnet"])

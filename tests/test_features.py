@@ -21,6 +21,7 @@ from autotransfer.features import (
     train_transform,
     weights_id,
 )
+from autotransfer.plan import AUGMENTS
 from autotransfer.plan import Plan
 from autotransfer.strategies import ALL_LEVELS, Preprocessing, build_net
 from conftest import CLASSES, photo
@@ -126,7 +127,10 @@ def test_transforms_give_the_planned_size():
     prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     image = Image.new("RGB", (60, 45), (10, 20, 30))
     assert eval_transform(prep)(image).shape == (3, 32, 32)
-    assert train_transform(prep)(image).shape == (3, 32, 32)
+    for augment in AUGMENTS:
+        views = [train_transform(prep, augment)(photo((200, 30, 30), seed=0)) for _ in range(2)]
+        assert views[0].shape == (3, 32, 32)
+        assert not torch.equal(views[0], views[1])  # random: two views of one image differ
 
 
 def test_tiny_sets_load_in_process():

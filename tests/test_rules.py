@@ -101,8 +101,10 @@ def test_uncalibrated_distance_is_not_read_as_far(profile: Profile) -> None:
 def test_plans_are_unique_and_valid(profile: Profile) -> None:
     for per_class in (5, 50, 5000):
         plans = rank_plans(shaped(profile, per_class=per_class), BASE)
-        keys = [(p.strategy, p.cut, p.feature_level, p.all_levels) for p in plans]
+        keys = [(p.strategy, p.cut, p.feature_level, p.all_levels, p.bn_mode, p.augment) for p in plans]
         assert len(keys) == len(set(keys))
+        tuned = [p for p in plans if p.strategy != "frozen"]  # both fine-tuning families, at every size
+        assert {(p.bn_mode, p.augment) for p in tuned} == {("frozen", "crop"), ("train", "strong")}, per_class
         assert all(p.reasons for p in plans)
 
 

@@ -21,8 +21,10 @@ from autotransfer.selector import (
     MAX_DEFAULT_FINETUNES,
     cheap_first,
     default_backbones,
+    cross_validates,
     default_plans,
     forward_flops,
+    select_and_fit,
     profile_and_rank,
     trial_runner,
     warm_frozen_features,
@@ -106,13 +108,24 @@ def test_default_backbones_are_the_installed_ones(tmp_path: Path, monkeypatch: p
     assert chosen[0] == "efficientnet_lite0" and "test_resnet" in chosen and len(set(chosen)) == len(chosen)
 
 
-def test_every_candidate_backbone_is_profiled_and_costed_in_flops(image_folder: Path) -> None:
-    """No share of a timed budget decides which backbones are compared: every candidate is
-    profiled, and the ranking's costs are FLOPs, the same on an idle or a loaded machine."""
+@pytest.mark.parametrize("min_images, profiled", [(400, ["test_efficientnet"]), (24, ["test_efficientnet", "test_resnet"])])
+def test_other_backbones_are_profiled_on_enough_images_and_costed_in_flops(
+    image_folder: Path, monkeypatch: pytest.MonkeyPatch, min_images: int, profiled: list[str]
+) -> None:
+    """No share of a timed budget decides which backbones are compared: the installed ones
+    are profiled on data large enough for their k-NN to rank them, and the ranking's costs
+    are FLOPs, the same on an idle or a loaded machine."""
+    monkeypatch.setattr("autotransfer.selector.MIN_IMAGES_TO_RANK_BACKBONES", min_images)
     base = Plan(**{**FAST, "backbone": "test_efficientnet"})
+    logged: list[str] = []
     profiles, plans = profile_and_rank(scan_folder(image_folder), base, 24, False, ["test_efficientnet"],
-                                       ["test_resnet"], log=lambda _: None)
-    assert sorted(p.backbone for p in profiles) == ["test_efficientnet", "test_resnet"]
+                                       ["test_resnet"], log=logged.append)
+    assert sorted(p.backbone for p in profiles) == profiled
+    assert {p.backbone for p in plans} == set(profiled)
+    assert bool(logged) == (len(profiled) == 1)
+    assert all(line.startswith("not profiled: test_resnet (24 images") for line in logged)
+    if len(profiled) == 1:
+        return
     assert {p.backbone for p in plans} == {"test_efficientnet", "test_resnet"}
     assert 0 < forward_flops(base) == forward_flops(base) < forward_flops(replace(base, image_size=64))
 
@@ -174,7 +187,8 @@ def test_a_trial_reports_every_stage_can_be_stopped_and_says_so(image_folder: Pa
         if step == 1:
             raise Stop("pruned: at step 1")  # what a pruner does
 
-    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "epochs": 3})
+    # no refit: judged on val, not cross-validated (which trains k folds without reports)
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "full", "epochs": 3, "refit": False})
     run = trial_runner(scan_folder(image_folder), logged.append, budget=600)
     with pytest.raises(Stop):
         run(plan, tmp_path / "trials" / "0003", report)
@@ -272,3 +286,65 @@ def test_the_decision_does_not_depend_on_the_clock(image_folder: Path, tmp_path:
     assert len(rows) > 3 and {row["state"] for row in rows} == {"COMPLETE"}
     assert {row["strategy"] for row in rows} >= {"frozen", "partial"}
     assert Plan.load(tmp_path / "idle" / "plan.json") == Plan.load(tmp_path / "loaded" / "plan.json")
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_fine_tuned_winner_is_refit_on_every_labelled_image(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refit: bool
+) -> None:
+    """The tool drew val itself: the adopted fine-tuned model then learns from train + val,
+    for the epoch count that was best on the split; `--no-refit` keeps the split's model."""
+    import autotransfer.selector as selector
+    from autotransfer.search import SearchConfig, default_storage
+
+    monkeypatch.setattr("autotransfer.train.finetune_wins", lambda *_: True)  # keep the fine-tuned weights
+    monkeypatch.setattr(selector, "CV_FINETUNE_MAX_IMAGES", 0)  # judged on the val split, not by folds
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "partial", "cut": 2, "epochs": 2,
+                   "refit": refit, "reasons": ["rule"]})
+    run = tmp_path / "run"
+    config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=["test_efficientnet"],
+                          base=replace(plan, reasons=[]), trials=1, seed=0)
+    lines: list[str] = []
+    selector.select_and_fit(config, run, [plan], log=lines.append)
+    metrics = json.loads((run / "metrics.json").read_text())
+    scan = scan_folder(image_folder)
+    assert scan.val_drawn and metrics["kept"] == "finetuned"
+    adopted, trial = (run / "model.pt").read_bytes(), (run / "trials" / "0000" / "model.pt").read_bytes()
+    if not refit:
+        assert "refit" not in metrics and adopted == trial
+        return
+    epochs = metrics["stages"]["finetune_best_epoch"]
+    assert metrics["refit"] == {"images": len(scan.splits["train"]) + len(scan.splits["val"]), "epochs": epochs}
+    assert adopted != trial and any(line.startswith("refit: ") for line in lines)
+    with (run / "logs" / "refit" / "metrics.csv").open() as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
+    assert len(logged) == epochs  # one row per epoch, on train + val
+
+
+def test_fine_tuning_on_few_images_is_cross_validated_like_the_probe(image_folder: Path, tmp_path: Path) -> None:
+    """24 labelled images: a val split would be 2 per class. The fine-tuned trial is judged
+    by k folds over every labelled image, in the order the frozen probe uses, so the
+    search compares the two on the same images; its model is then refit on all of them."""
+    import optuna
+    from autotransfer.search import SearchConfig, default_storage, shared_images
+
+    scan = scan_folder(image_folder)
+    frozen = Plan(**{**FAST, "backbone": "test_efficientnet", "reasons": ["rule"]})
+    tuned = replace(frozen, strategy="partial", cut=2, epochs=2)
+    assert not cross_validates(scan, frozen) and cross_validates(scan, tuned)
+    run = tmp_path / "run"
+    config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=["test_efficientnet"],
+                          base=replace(frozen, reasons=[]), trials=2, seed=0)
+    lines: list[str] = []
+    select_and_fit(config, run, [frozen, tuned], scan=scan, log=lines.append)
+    study = optuna.load_study(study_name="autotransfer", storage=default_storage(run))
+    by_strategy = {t.user_attrs["plan"]["strategy"]: t for t in study.trials}
+    probe, folds = by_strategy["frozen"], by_strategy["partial"]
+    assert shared_images(folds, probe) == "cv_predictions"
+    pool = [r.label for r in scan.splits["train"] + scan.splits["val"]]
+    assert folds.user_attrs["cv_predictions"]["target"] == probe.user_attrs["cv_predictions"]["target"] == pool
+    metrics = json.loads((run / "trials" / f"{folds.number:04d}" / "metrics.json").read_text())
+    assert metrics["cv"]["folds"] == 5 and metrics["cv"]["n"] == len(pool) == metrics["refit"]["images"]
+    assert folds.value == pytest.approx(metrics["cv"]["balanced_accuracy"])
+    assert len(list((run / "trials" / f"{folds.number:04d}").glob("fold*"))) == 5
+    assert sum(line.startswith("  fold ") for line in lines) == 5

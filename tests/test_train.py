@@ -152,7 +152,9 @@ def test_fit_partial_saves_the_model_whose_metrics_it_reports(split_folder, tmp_
     result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None)
 
     stages = result.metrics["stages"]
-    assert set(stages) == {f"{stage}_val_{score}" for stage in ("head", "finetune") for score in ("accuracy", "balanced_accuracy")}
+    assert set(stages) == {f"{stage}_val_{score}" for stage in ("head", "finetune") for score in ("accuracy", "balanced_accuracy")} | {
+        "finetune_best_epoch"}
+    assert stages["finetune_best_epoch"] == 1  # FAST: one epoch
     kept = result.metrics["kept"]
     wins = finetune_wins(stages["finetune_val_balanced_accuracy"], stages["head_val_balanced_accuracy"], result.metrics["val"]["n"])
     assert kept == ("finetuned" if wins else "head")
@@ -265,9 +267,9 @@ def test_classifier_task_keeps_the_epoch_with_the_best_balanced_accuracy():
     assert task.best_score == pytest.approx(0.8125) and task.best_acc == pytest.approx(0.7)
 
 
-def test_fine_tuning_must_win_by_two_validation_images():
-    assert not finetune_wins(0.88, 0.87, 100)  # one image: noise
-    assert finetune_wins(0.89, 0.87, 100)
+def test_fine_tuning_must_beat_its_probe_by_a_validation_image():
+    assert not finetune_wins(0.874, 0.87, 100)  # under half an image: a rounding difference
+    assert finetune_wins(0.88, 0.87, 100)
     assert not finetune_wins(0.5, 0.5, 10)
     assert finetune_wins(0.2, -1.0, 10)  # no linear probe (head accuracy -1): fine-tuning is all there is
     assert finetune_wins(0.8012, 0.8010, 10000)
