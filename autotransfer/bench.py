@@ -223,12 +223,15 @@ def heldout_source(scan: DatasetScan) -> str:
 def set_heldout(scan: DatasetScan, seed: int) -> DatasetScan:
     """Make "test" the held-out split, set aside before anything runs.
 
-    test/ where the dataset has one (its val/, if any, stays the selection split); else
-    its val/, all of it, with the selection split drawn later from train, as `fit` draws
-    it; else a stratified HOLDOUT_FRACTION of the class folders. Without a val split the
-    scan is marked `val_drawn`: every cell draws its own from its training images.
+    test/ where the dataset has one (its val/, if any, joins the labelled pool the cells
+    are drawn from: "10/class" means 10 labelled images per class, as for a user, not 10
+    to train on beside a val/ of 50 per class); else its val/, all of it; else a stratified
+    HOLDOUT_FRACTION of the class folders. Every cell then draws its selection split from
+    its own labelled images, as `fit` draws it (the scan is marked `val_drawn`).
     """
     splits = dict(scan.splits)
+    if splits.get("test") and splits.get("val"):
+        splits["train"] = splits["train"] + splits.pop("val")
     if not splits.get("test"):
         if splits.get("val"):
             splits["test"] = splits.pop("val")

@@ -80,13 +80,14 @@ def loader_workers(n_images: int) -> int:
 
 def image_loader(
     records: list[ImageRecord], transform: Callable, batch_size: int, shuffle: bool = False,
-    seed: int = 0,
+    seed: int = 0, drop_last: bool = False,
 ) -> DataLoader:
     workers = loader_workers(len(records))
     return DataLoader(
         ImageDataset(records, transform),
         batch_size=batch_size,
         shuffle=shuffle,
+        drop_last=drop_last,
         num_workers=workers,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),

@@ -61,6 +61,14 @@ def finetune_batch_size(plan: Plan, n_train: int) -> int:
     return max(2, min(plan.batch_size, n_train // MIN_STEPS_PER_EPOCH))
 
 
+def finetune_loader(records: list, prep: Preprocessing, plan: Plan) -> DataLoader:
+    """Shuffled, augmented batches of at least MIN_STEPS_PER_EPOCH per epoch; a last batch
+    of one image is dropped (BatchNorm in train mode cannot normalise a single image)."""
+    batch = finetune_batch_size(plan, len(records))
+    return image_loader(records, train_transform(prep, plan.augment), batch, True, plan.seed,
+                        drop_last=len(records) % batch == 1)
+
+
 def finetune_wins(finetune_score: float, head_score: float, n_val: int) -> bool:
     """Does fine-tuning beat the linear head by MIN_FINETUNE_GAIN_IMAGES validation images?
     Scores are validation balanced accuracies (`metrics.balanced_accuracy`)."""
@@ -328,8 +336,7 @@ def fit(
                 save_interrupted("finetune", stages.get("head_val_accuracy"), stages.get("head_val_balanced_accuracy"))
 
         trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left)
-        train_loader = image_loader(scan.splits["train"], train_transform(prep, plan.augment),
-                                    finetune_batch_size(plan, len(scan.splits["train"])), True, plan.seed)
+        train_loader = finetune_loader(scan.splits["train"], prep, plan)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
         trainer.fit(ft_task, train_loader, val_loader)
         stages["finetune_val_accuracy"] = ft_task.best_acc
@@ -457,7 +464,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
             net, backbone_param_groups(net, plan), epochs, plan.weight_decay,
             class_weights(labels, len(scan.classes)) if plan.class_weighting else None, label_smoothing=plan.label_smoothing,
         )
-        loader = image_loader(images, train_transform(prep, plan.augment), finetune_batch_size(plan, len(images)), True, plan.seed)
+        loader = finetune_loader(images, prep, plan)
         _trainer(out, "refit", epochs, [], progress).fit(task, loader)
     net.eval()
     save_model(out / MODEL_FILE, net, spec.architecture, plan.feature_level, scan.classes, prep)

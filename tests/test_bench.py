@@ -76,9 +76,12 @@ def test_without_a_test_split_all_of_val_is_held_out(split_folder: Path, tmp_pat
     assert "every held-out image" in BenchSettings().describe()
 
     (with_test,) = scan_datasets([split_folder], BenchSettings(seed=0))
-    assert has_test_folder(with_test) and not with_test.val_drawn
-    assert paths(with_test.splits["val"]) == paths(scan_folder(split_folder).splits["val"])
-    assert draw_val(with_test, 0.2, 0) is with_test  # its own val/ stays the selection split
+    original_with_test = scan_folder(split_folder)
+    assert has_test_folder(with_test) and with_test.val_drawn  # its val/ joined the labelled pool
+    assert paths(with_test.splits["train"]) == paths(original_with_test.splits["train"] + original_with_test.splits["val"])
+    assert "val" not in with_test.splits
+    drawn = draw_val(with_test, 0.2, 0)  # each cell draws its selection split from its labelled images
+    assert sorted(paths(drawn.splits["train"] + drawn.splits["val"])) == sorted(paths(with_test.splits["train"]))
 
 
 def test_caps_keep_class_proportions_and_other_splits(split_folder: Path) -> None:
@@ -142,7 +145,7 @@ def test_tiny_bench_writes_every_row_with_regret_and_paired_se(tiny_bench: tuple
     assert "within 1 point of the cell's best" in output and "autotransfer vs grid best on val" in output
     report = json.loads((out / "bench.json").read_text())
     (cell,) = report["cells"]
-    assert cell["images"] == {"train": 12, "val": 6, "test": 6} and cell["heldout"] == "test"
+    assert cell["images"] == {"train": 9, "val": 3, "test": 6} and cell["heldout"] == "test"  # 4 labelled/class: 3 + 1
     assert cell["heldout_source"] == "test/" and "held-out 6 (test/)" in output  # the folder has its own test/
     names = [r["recipe"] for r in cell["rows"]]
     # probes at every grid depth and all levels; fastai; the fixed recipes; the quick grid on
@@ -303,6 +306,7 @@ def test_autotransfer_row_can_choose_among_backbones_as_fit_does(
     from autotransfer.bench import run_autotransfer
     from autotransfer.search import SearchConfig
 
+    monkeypatch.setattr("autotransfer.selector.MIN_IMAGES_TO_RANK_BACKBONES", 24)  # the tiny folder is enough here
     base = Plan(**{**FAST, "backbone": "test_efficientnet"})
     row = run_autotransfer(scan_folder(image_folder), base, tmp_path / "run", trials=2, max_images=24,
                            log=lambda _: None, optional_backbones=["test_resnet"])

@@ -20,7 +20,7 @@ from autotransfer.plan import Plan
 from autotransfer.probe import fit_probe
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.features import weights_id
-from autotransfer.train import ClassifierTask, backbone_param_groups, finetune_wins, fit, predict_records
+from autotransfer.train import ClassifierTask, backbone_param_groups, finetune_loader, finetune_wins, fit, predict_records
 from conftest import CLASSES, FAST
 
 pytestmark = [
@@ -321,3 +321,13 @@ def test_frozen_fit_refits_the_probe_on_every_labelled_image_when_it_drew_val(im
         assert torch.allclose(head.weight, probe.weight, atol=1e-5), run
         assert torch.allclose(head.bias, probe.bias, atol=1e-5), run
     assert not torch.allclose(everything.weight, train_only.weight, atol=1e-3)
+
+
+def test_fine_tuning_batches_give_every_epoch_steps_and_never_a_single_image(image_folder):
+    spec = get_backbone("test_efficientnet")
+    plan = Plan("test_efficientnet", strategy="full", bn_mode="train", weights="random", image_size=32, batch_size=32)
+    prep = Preprocessing.for_plan(spec, plan)
+    records = scan_folder(image_folder).splits["train"]
+    for n in (9, 16, 17):  # 9 at batch 2 would end on one image: BatchNorm in train mode fails on it
+        sizes = [len(y) for _, y in finetune_loader(records[:n], prep, plan)]
+        assert len(sizes) >= 4 and min(sizes) >= 2, (n, sizes)
