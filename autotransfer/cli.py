@@ -86,7 +86,7 @@ _PLAN_OPTIONS = [
     click.option("--backbone-lr-ratio", type=float, default=0.3, help="Backbone learning rate as a fraction of --lr."),
     click.option("--augment", type=click.Choice(AUGMENTS), default="crop", help="Fine-tuning augmentation: crop (flip + reflect-padded shift) or strong (fastai's kind: resized crop, rotation, lighting)."),
     click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, help="Label smoothing of the fine-tuning loss."),
-    click.option("--refit/--no-refit", default=True, show_default=True, help="frozen: when DATA has no val/, refit the cross-validated probe on train and val together (val scores are then out-of-fold)."),
+    click.option("--refit/--no-refit", default=True, show_default=True, help="When DATA has no val/: refit a frozen probe on train and val together (its val scores are then out-of-fold), and retrain a search's fine-tuned winner on both for its best epoch count."),
     click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data)."),
     click.option("--batch-size", type=int, default=32),
     click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/."),

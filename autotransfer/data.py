@@ -57,7 +57,7 @@ class DatasetScan:
     splits: dict[str, list[ImageRecord]]
     skipped: list[SkippedFile] = field(default_factory=list)
     layout: str = "splits"  # "splits" or "class-folders"
-    val_drawn: bool = False  # val was drawn from train by us (no val/ folder): a frozen fit refits on both
+    val_drawn: bool = False  # val was drawn from train by us (no val/ folder): the model may refit on both (Plan.refit)
 
     def content_hash(self, split: str) -> str:
         """Hash of the split's file contents and labels: changes iff the data changes."""

@@ -17,17 +17,17 @@ def balanced_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     which differs between val, test and deployment (pneumoniamnist: 1:2.9 in val, 1:1.7
     in test), and it equals accuracy when the classes are balanced.
     """
-    n = logits.shape[1]
-    per_class = multiclass_accuracy(logits.argmax(dim=1), targets, num_classes=n, average="none")
-    present = torch.bincount(targets, minlength=n) > 0
-    return float(per_class[present].mean()) if bool(present.any()) else float("nan")
+    return balanced_accuracy_of(logits.argmax(dim=1), targets, logits.shape[1])
 
 
-def balanced_accuracy_of(predicted: list[int], targets: list[int]) -> float:
-    """balanced_accuracy of class predictions rather than logits."""
+def balanced_accuracy_of(predicted, targets, num_classes: int | None = None) -> float:
+    """balanced_accuracy of class predictions (tensors or lists) rather than logits."""
     p, t = torch.as_tensor(predicted, dtype=torch.long), torch.as_tensor(targets, dtype=torch.long)
-    recalls = [float((p[t == c] == c).double().mean()) for c in t.unique()]
-    return sum(recalls) / len(recalls) if recalls else float("nan")
+    if t.numel() == 0:
+        return float("nan")
+    n = num_classes or int(max(p.max(), t.max())) + 1
+    per_class = multiclass_accuracy(p, t, num_classes=n, average="none")
+    return float(per_class[torch.bincount(t, minlength=n) > 0].mean())
 
 
 def classification_report(

@@ -18,7 +18,6 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
-from torch import nn
 
 from autotransfer.metrics import balanced_accuracy_of
 
@@ -48,19 +47,24 @@ class ProbeFit:
     cv_accuracy: float
     cv_scores: dict[float, float]  # C -> mean out-of-fold balanced accuracy
 
-    def linear(self) -> nn.Linear:
-        layer = nn.Linear(self.weight.shape[1], self.weight.shape[0])
-        with torch.no_grad():
-            layer.weight.copy_(self.weight)
-            layer.bias.copy_(self.bias)
-        return layer
 
 
 def folds_for(labels: np.ndarray, max_folds: int = MAX_FOLDS) -> int:
     """As many folds as the smallest class allows (each fold holds one of its images),
     at most `max_folds`, at least 2."""
-    smallest = int(np.bincount(labels)[np.bincount(labels) > 0].min())
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
     return max(2, min(max_folds, smallest))
+
+
+def cv_splits(labels: np.ndarray, seed: int, max_folds: int = MAX_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified folds (train indices, held-out indices) of `labels`: the same for the
+    probe and for cross-validated fine-tuning of the same images and seed, so their
+    out-of-fold predictions compare fold by fold."""
+    splitter = StratifiedKFold(n_splits=folds_for(labels, max_folds), shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a class smaller than the folds
+        return list(splitter.split(labels, labels))
 
 
 def _model(C: float, class_weighting: bool) -> LogisticRegression:
@@ -114,12 +118,8 @@ def fit_probe(
         basis = np.linalg.svd(z - z.mean(0), full_matrices=False)[2].T
         z = z @ basis
     z = z.astype(np.float32)  # scikit-learn keeps float32: half the memory traffic of each L-BFGS step
-    folds = folds_for(y, max_folds)
+    splits = cv_splits(y, seed, max_folds)
     log_proba = np.zeros((len(C_GRID), len(y), num_classes), dtype=np.float32)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a class smaller than the folds
-        splits = list(splitter.split(z, y))
     for train_idx, test_idx in splits:
         for i, model in enumerate(_fit_path(z[train_idx], y[train_idx], class_weighting)):
             log_proba[i, test_idx] = LOG_ZERO
@@ -144,7 +144,7 @@ def fit_probe(
         C=C_GRID[best],
         weight=torch.tensor(weight, dtype=torch.float32),
         bias=torch.tensor(bias, dtype=torch.float32),
-        folds=folds,
+        folds=len(splits),
         cv_logits=torch.from_numpy(log_proba[best]),
         cv_balanced_accuracy=scores[best],
         cv_accuracy=float((predicted[best] == y).mean()),

@@ -11,7 +11,7 @@ import copy
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -32,13 +32,12 @@ from autotransfer.features import (
     cached_features,
     eval_transform,
     image_loader,
-    torch_threads,
     train_transform,
     weights_id,
 )
 from autotransfer.metrics import balanced_accuracy, classification_report
 from autotransfer.plan import Plan
-from autotransfer.probe import ProbeFit, fit_probe, folds_for
+from autotransfer.probe import ProbeFit, cv_splits, fit_probe
 from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, build_net
 
 
@@ -84,14 +83,13 @@ class ClassifierTask(pl.LightningModule):
     """
 
     def __init__(
-        self, module: nn.Module, param_groups: list[dict], epochs: int, weight_decay: float,
+        self, module: nn.Module, param_groups: list[dict], weight_decay: float,
         class_weights: torch.Tensor | None = None,
         report: Callable[[int, float], None] | None = None, label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.module = module
         self.param_groups = param_groups
-        self.epochs = epochs
         self.weight_decay = weight_decay
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.best_score = -1.0  # validation balanced accuracy of the best epoch
@@ -150,9 +148,9 @@ class ClassifierTask(pl.LightningModule):
         cosine annealing), each group peaking at its own lr: what both fine-tuning
         references of issue 15 (the LP-FT one and fastai's fine_tune) use."""
         optimizer = torch.optim.AdamW(self.param_groups, weight_decay=self.weight_decay)
-        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else self.epochs
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in self.param_groups], total_steps=max(1, int(steps)),
+            optimizer, max_lr=[group["lr"] for group in self.param_groups],
+            total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
             pct_start=0.3,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -314,7 +312,7 @@ def fit(
         head_state = copy.deepcopy(net.state_dict())
         net.train()
         ft_task = ClassifierTask(
-            net, backbone_param_groups(net, plan), plan.epochs, plan.weight_decay, weights,
+            net, backbone_param_groups(net, plan), plan.weight_decay, weights,
             report=(lambda epoch, acc: report(epoch + 1, acc)) if report else None,
             label_smoothing=plan.label_smoothing,
         )
@@ -395,24 +393,22 @@ CV_FINETUNE_MAX_IMAGES = 300
 def cross_validate(
     scan: DatasetScan, plan: Plan, out: str | Path, log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Fine-tuning judged like the frozen probe: k stratified folds over train + val
-    (`probe.folds_for`), each fold's model scored on the images it did not see, then the
+    """Fine-tuning judged like the frozen probe: its k stratified folds over train + val
+    (`probe.cv_splits`, the same folds for the same seed), each fold's model scored on the images it did not see, then the
     model refit on all of them for the median best epoch count (`refit`).
 
     metrics.json "cv" holds the out-of-fold predictions in train + val order, the order a
     frozen trial's probe uses, so the two are compared on the same images."""
-    from sklearn.model_selection import StratifiedKFold
-
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool = scan.splits["train"] + scan.splits["val"]
     labels = torch.tensor([r.label for r in pool])
-    folds = folds_for(labels.numpy())
+    splits = cv_splits(labels.numpy(), plan.seed)
+    folds = len(splits)
     logits = torch.zeros(len(pool), len(scan.classes))
     epochs = []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=plan.seed)
-    for i, (train_idx, val_idx) in enumerate(splitter.split(labels.numpy(), labels.numpy())):
+    for i, (train_idx, val_idx) in enumerate(splits):
         fold = DatasetScan(scan.root, scan.classes, {"train": [pool[j] for j in train_idx], "val": [pool[j] for j in val_idx]},
                            scan.skipped, scan.layout)
         result = fit(fold, plan, out / f"fold{i}", progress=False, log=lambda _: None, evaluate_test=False)
@@ -461,7 +457,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
     net.train()
     if epochs > 0:
         task = ClassifierTask(
-            net, backbone_param_groups(net, plan), epochs, plan.weight_decay,
+            net, backbone_param_groups(net, plan), plan.weight_decay,
             class_weights(labels, len(scan.classes)) if plan.class_weighting else None, label_smoothing=plan.label_smoothing,
         )
         loader = finetune_loader(images, prep, plan)

@@ -68,10 +68,10 @@ def main() -> int:
     feats, labels, _ = cached_features(
         net, scan, "train", prep, spec.architecture, weights_id(spec, plan.weights, plan.seed), None, progress=False
     )
-    head = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 1e-3}], 20, 1e-4)
+    head = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 1e-3}], 1e-4)
     head_epoch = _epoch_seconds(head, _feature_batches(feats, labels, 64, True, 0), 20)
 
-    full = ClassifierTask(net, backbone_param_groups(net, plan), 2, 1e-4)
+    full = ClassifierTask(net, backbone_param_groups(net, plan), 1e-4)
     images = image_loader(scan.splits["train"], train_transform(prep), plan.batch_size, True)
     full_epoch = _epoch_seconds(full, images, 2)
 

@@ -56,7 +56,7 @@ class EpochClock(pl.Callback):
 
 def lightning_epochs(net, plan: Plan, loader: DataLoader, epochs: int) -> tuple[list[float], float]:
     clock = EpochClock()
-    task = ClassifierTask(net, backbone_param_groups(net, plan), epochs, plan.weight_decay)
+    task = ClassifierTask(net, backbone_param_groups(net, plan), plan.weight_decay)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         trainer = _trainer(Path(out), "throughput", epochs, [clock], progress=False)

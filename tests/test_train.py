@@ -50,13 +50,13 @@ def probe_then_finetune(image_folder, bn_mode: str) -> tuple[float, list[float]]
     feats, labels, _ = cached_features(net, scan, "train", prep, "test_efficientnet", "random", None, progress=False)
 
     pl.seed_everything(0, verbose=False)
-    probe = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 0.2}], 50, 0.0)
+    probe = ClassifierTask(net.classifier, [{"params": list(net.classifier.parameters()), "lr": 0.2}], 0.0)
     quiet_trainer(max_epochs=50).fit(probe, DataLoader(TensorDataset(feats, labels), batch_size=64, shuffle=True))
     with torch.no_grad():
         lp_loss = float(torch.nn.functional.cross_entropy(net.classifier(feats), labels))
 
     net.train()  # as train.fit does before fine-tuning
-    finetune = ClassifierTask(net, backbone_param_groups(net, plan), 1, plan.weight_decay)
+    finetune = ClassifierTask(net, backbone_param_groups(net, plan), plan.weight_decay)
     loader = image_loader(scan.splits["train"], train_transform(prep), batch_size=6, shuffle=True, seed=0)
     quiet_trainer(max_steps=3).fit(finetune, loader)
     return lp_loss, finetune.train_losses
@@ -93,7 +93,7 @@ def test_frozen_modules_stay_in_eval_mode_inside_lightning_training(image_folder
     prep = Preprocessing.for_plan(spec, plan)
     scan = scan_folder(image_folder)
     net.train()
-    task = ClassifierTask(net, backbone_param_groups(net, plan), 2, plan.weight_decay)
+    task = ClassifierTask(net, backbone_param_groups(net, plan), plan.weight_decay)
     probe = ModeProbe()
     quiet_trainer(max_epochs=2, limit_train_batches=2, callbacks=[probe]).fit(
         task,
@@ -220,7 +220,7 @@ def test_classifier_task_keeps_and_restores_the_best_epoch():
     x = torch.randn(30, 4)
     y = (x[:, 0] > 0).long()
     head = torch.nn.Linear(4, 2)
-    task = ClassifierTask(head, [{"params": list(head.parameters()), "lr": 0.1}], 8, 0.0)
+    task = ClassifierTask(head, [{"params": list(head.parameters()), "lr": 0.1}], 0.0)
     batches = DataLoader(TensorDataset(x, y), batch_size=10)
     quiet_trainer(max_epochs=8).fit(task, batches, batches)
     assert 0.0 <= task.best_acc <= 1.0 and task.best_state is not None
@@ -254,7 +254,7 @@ def test_classifier_task_keeps_the_epoch_with_the_best_balanced_accuracy():
     majority, both, majority_again = [0] * 10, [0] * 5 + [1] * 3 + [1] * 2, [0] * 10
     module = ScriptedPredictions([majority, both, majority_again])
     reported = []
-    task = ClassifierTask(module, [{"params": [module.w], "lr": 0.1}], 3, 0.0,
+    task = ClassifierTask(module, [{"params": [module.w], "lr": 0.1}], 0.0,
                           report=lambda epoch, score: reported.append((epoch, score)))
 
     class NextEpoch(pl.Callback):
