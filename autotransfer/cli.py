@@ -1,34 +1,73 @@
 """The `autotransfer` command line: thin wrappers around the library functions.
 
-Exit codes: 0 success, 1 a user error (one line saying what was found and how to fix
-it), 2 a usage error (click's). Anything else is a bug and keeps its traceback.
+Exit codes: 0 success, 1 a user error or an unusable file or folder (one line saying
+what was found and how to fix it), 2 a usage error (click's), 130 any command
+stopped by Ctrl-C (one line saying what was kept and where). Anything else is a bug: it
+keeps its traceback and asks to be reported.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
 
-from autotransfer import __version__
+from autotransfer import __version__, api
 from autotransfer.backbones import DEFAULT_BACKBONE
-from autotransfer.errors import AutotransferError, DataError
-from autotransfer.plan import AUGMENTS, BN_MODES, STRATEGIES, Plan
+from autotransfer.errors import AutotransferError, DataError, Interrupted, UsageError, interruptible, user_file_error
+from autotransfer.plan import AUGMENTS, BN_MODES, STRATEGIES, Plan, check_number, ranked_lines
 
 
-class _Group(click.Group):
-    """Turns AutotransferError into a one-line message and exit code 1."""
+class _Command(click.Command):
+    """Options that do not fit together (the API's UsageError) are a wrong command line:
+    click's usage line and exit 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except UsageError as exc:
+            raise click.UsageError(str(exc), ctx) from None
+
+
+class _Group(click.Group):
+    """The one place errors become messages: AutotransferError, and OSError, JSON, text and
+    image errors on the user's files (`user_file_error`), print one line and exit 1; any
+    other exception is a bug and keeps its traceback, with a line asking to report it."""
+
+    command_class = _Command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Interrupted as exc:  # fit and worker: what was kept and where
+            click.echo(f"interrupted: {exc}", err=True)
+            raise click.exceptions.Exit(130) from None
         except AutotransferError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:  # fit and worker say more (Interrupted, above)
+            click.echo(f"interrupted: {ctx.invoked_subcommand} stopped by Ctrl-C; files it had finished "
+                       "(and feature caches) are kept, nothing half-written is", err=True)
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:
+            if getattr(exc, "errno", None) == errno.EPIPE:  # output closed early (`| head`): click's to handle
+                raise
+            message = user_file_error(exc)
+            if message is None:
+                note = (f"This is a bug in autotransfer {__version__}: please report it with the command "
+                        "you ran and this traceback.")
+                if hasattr(exc, "add_note"):  # printed under the traceback
+                    exc.add_note(note)
+                else:  # Python 3.10
+                    click.echo(note, err=True)
+                raise
+            raise click.ClickException(" ".join(message.splitlines())) from None
 
 
 def quiet_frameworks() -> None:
@@ -59,38 +98,45 @@ def main() -> None:
 
     DATA is either DATA/<class>/<image> or DATA/train/<class>/<image> with optional val/
     and test/. Exit codes: 0 ok, 1 a problem with your input (the message says how to
-    fix it), 2 a wrong command line.
+    fix it), 2 a wrong command line, 130 stopped by Ctrl-C (the message says
+    what was kept and where).
     """
 
 
-def _print_skipped(scan) -> None:
-    if scan.skipped:
-        click.echo(f"skipped {len(scan.skipped)} file(s) that are not usable images:", err=True)
-        for item in scan.skipped[:20]:
-            click.echo(f"  {item.path}: {item.reason}", err=True)
-        if len(scan.skipped) > 20:
-            click.echo(f"  ... and {len(scan.skipped) - 20} more (see scan.json)", err=True)
+def _warn(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _progress(no_progress: bool) -> bool | None:
+    """None lets the API decide: bars only when stdout and stderr are terminals."""
+    return False if no_progress else None
+
+
+def _plan_field(ctx: click.Context, param: click.Parameter, value):
+    """Check an option as Plan checks its field of the same name: one line, exit 1."""
+    check_number(param.name, value, param.opts[-1])
+    return value
 
 
 _PLAN_OPTIONS = [
     click.option("--backbone", "backbones", multiple=True, metavar="NAME",
-                 help="Backbone (see `autotransfer backbones`; any timm model name works online). Repeat it to let the search choose among several. [default: with --strategy or --plan, efficientnet_lite0; when autotransfer decides, the installed backbones (at most 3, efficientnet_lite0 first)]"),
+                 help="Backbone (see `autotransfer backbones`; any timm model name works online). Repeat it to let the search choose among several. [default: with --strategy or --plan, efficientnet_lite0; when autotransfer decides, efficientnet_lite0 and the installed default candidates (at most 3; efficientnet_lite1, lite2 before other plugins' ones)]"),
     click.option("--cut", type=int, default=None, help="partial: number of lowest coarse groups (stem first) kept frozen."),
     click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet."),
     click.option("--all-levels", is_flag=True, help="frozen: classify from every feature level and the top at once (pooled, standardised, one linear head: Head2Toe). Helps far from ImageNet."),
     click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
     click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone."),
-    click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),
-    click.option("--epochs", type=int, default=6, help="Fine-tuning epochs (partial, full)."),
-    click.option("--lr", type=float, default=1e-3, help="Learning rate of the head while fine-tuning (the linear probe before it tunes its own penalty by cross-validation)."),
-    click.option("--backbone-lr-ratio", type=float, default=0.3, help="Backbone learning rate as a fraction of --lr."),
+    click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),
+    click.option("--epochs", type=int, callback=_plan_field, default=6, help="Fine-tuning epochs (partial, full)."),
+    click.option("--lr", type=float, callback=_plan_field, default=1e-3, help="Learning rate of the head while fine-tuning (the linear probe before it tunes its own penalty by cross-validation)."),
+    click.option("--backbone-lr-ratio", type=float, callback=_plan_field, default=0.3, help="Backbone learning rate as a fraction of --lr."),
     click.option("--augment", type=click.Choice(AUGMENTS), default="crop", help="Fine-tuning augmentation: crop (flip + reflect-padded shift) or strong (fastai's kind: resized crop, rotation, lighting)."),
-    click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, help="Label smoothing of the fine-tuning loss."),
+    click.option("--label-smoothing", type=float, callback=_plan_field, default=0.1, help="Label smoothing of the fine-tuning loss."),
     click.option("--refit/--no-refit", default=True, show_default=True, help="When DATA has no val/: refit a frozen probe on train and val together (its val scores are then out-of-fold), and retrain a search's fine-tuned winner on both for its best epoch count."),
     click.option("--class-weighting", is_flag=True, help="Weight the loss by inverse class frequency (imbalanced data)."),
-    click.option("--batch-size", type=int, default=32),
-    click.option("--val-fraction", type=float, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/."),
-    click.option("--seed", type=int, default=0),
+    click.option("--batch-size", type=int, callback=_plan_field, default=32),
+    click.option("--val-fraction", type=float, callback=_plan_field, default=0.2, help="Validation share drawn (stratified, seeded) when DATA has no val/."),
+    click.option("--seed", type=int, callback=_plan_field, default=0),
 ]
 
 
@@ -98,15 +144,6 @@ def _plan_options(command):
     for option in reversed(_PLAN_OPTIONS):
         command = option(command)
     return command
-
-
-def _echo_plans(plans: list[Plan]) -> None:
-    from autotransfer.plan import describe
-
-    for rank, plan in enumerate(plans, start=1):
-        click.echo(f"{rank}. {describe(plan)}")
-        for reason in plan.reasons:
-            click.echo(f"     - {reason}")
 
 
 @main.command()
@@ -119,12 +156,14 @@ def _echo_plans(plans: list[Plan]) -> None:
 @click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h (an upper bound: the decision then depends on how fast the machine is). [default: none; the count of --trials]")
 @click.option("--storage", default=None, help="Search: Optuna storage URL, e.g. postgresql://user@host/db, shared with `autotransfer worker`. [default: sqlite in RUN]")
 @click.option("--max-images", type=click.IntRange(min=2), default=400, help="Search: images the profile forwards (a stratified sample).")
-@click.option("--resume", is_flag=True, help="Continue the interrupted search in --out RUN.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted search in --out RUN (on the same data; interrupted trials run again with their Plan).")
+@click.option("--overwrite", is_flag=True, help="Replace the run in a non-empty --out (deletes what autotransfer wrote there); without it fit refuses a non-empty --out.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="RUN folder [default: runs/<data>-<strategy or auto>].")
-@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@click.option("--no-progress", is_flag=True, help="No progress bars [default: bars only when stdout and stderr are terminals].")
+@click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and the result (for scripts): no progress lines or bars.")
 def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | None,
-        time_budget: str | None, storage: str | None, max_images: int, resume: bool,
-        out: Path | None, no_progress: bool, backbones: tuple[str, ...], **options) -> None:
+        time_budget: str | None, storage: str | None, max_images: int, resume: bool, overwrite: bool,
+        out: Path | None, no_progress: bool, quiet: bool, backbones: tuple[str, ...], **options) -> None:
     """Train the best classifier for DATA and write the RUN folder.
 
     Without --strategy or --plan, autotransfer decides: it profiles DATA (size, quality,
@@ -141,107 +180,23 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     RUN/profile.json     the leading backbone's profile (search only; RUN/profiles/ holds every candidate's)
     RUN/leaderboard.csv  every trial (search only); RUN/study.db the Optuna study
     RUN/logs/            Lightning CSV logs per stage
+
+    A RUN holds one run: fit refuses a non-empty --out unless --overwrite; --resume
+    refuses other data. Ctrl-C prints what was kept and where, and exits with 130.
     """
-    from autotransfer.data import scan_folder
-
     quiet_frameworks()
-    progress = not no_progress
+    _echo_failures()
+    shown = dict(progress=_progress(no_progress or quiet), log=None if quiet else click.echo, warn=_warn)
     if resume:
-        from autotransfer.selector import continue_search
-
-        if out is None:
-            raise click.UsageError("--resume needs --out RUN, the folder of the search to continue")
-        plan = continue_search(out, adopt=True, log=click.echo)
-        _echo_decision(plan, out)
+        run = api.fit(data, out, resume=True, overwrite=overwrite, **shown)
+        _echo_decision(run.plan, run.path)
         return
-    if plan_file or strategy:
-        plan = Plan.load(plan_file) if plan_file else Plan(strategy=strategy, backbone=_one_backbone(backbones), **options)
-        out = out or Path("runs") / f"{data.resolve().name}-{plan.strategy}"
-        scan = _scan(data, plan)
-        from autotransfer.train import fit as run_fit
-
-        result = run_fit(scan, plan, out, progress=progress, log=click.echo)
-        _echo_result(result.metrics, result.seconds, out)
-        return
-
-    from autotransfer.search import default_storage, parse_duration
-    from autotransfer.profile import save_profiles
-    from autotransfer.selector import search_config, select_and_fit
-
-    start = time.perf_counter()
-    _no_decided_options(options)
-    candidates = _candidates(backbones, options["weights"])
-    base = Plan(backbone=candidates[0][0], **options)
-    out = out or Path("runs") / f"{data.resolve().name}-auto"
-    out.mkdir(parents=True, exist_ok=True)
-    scan = _scan(data, base)
-    profiles, plans = _profile_and_rank(scan, base, max_images, progress, candidates)
-    save_profiles(profiles, out)
-    _echo_plans(plans)
-    budget = parse_duration(time_budget) if time_budget else None
-    config = search_config(str(data.resolve()), storage or default_storage(out), profiles, plans, trials, budget)
-    plan = select_and_fit(config, out, plans, scan=scan, log=click.echo)
-    metrics = json.loads((out / "metrics.json").read_text())
-    _echo_result(metrics, time.perf_counter() - start, out)
-    _echo_decision(plan, out)
-
-
-def _one_backbone(backbones: tuple[str, ...]) -> str:
-    if len(backbones) > 1:
-        raise click.UsageError(
-            f"--strategy and --plan train one backbone, but got {len(backbones)} (--backbone "
-            f"{' --backbone '.join(backbones)}); drop --strategy to let autotransfer choose among them"
-        )
-    return backbones[0] if backbones else DEFAULT_BACKBONE
-
-
-def _no_decided_options(options: dict) -> None:
-    """The depth options are what a decision chooses: taken silently, they would be lost."""
-    given = [f"--feature-level {options['feature_level']}"] if options["feature_level"] is not None else []
-    given += ["--all-levels"] if options["all_levels"] else []
-    if given:
-        raise click.UsageError(
-            f"{' and '.join(given)} fix part of a Plan, and without --strategy autotransfer decides that part "
-            f"itself; add --strategy frozen (or partial, full) to train exactly that, or drop {' and '.join(given)}"
-        )
-
-
-def _candidates(backbones: tuple[str, ...], weights: str) -> tuple[list[str], list[str]]:
-    """The backbones a decision chooses among: (always profiled, profiled if the budget
-    allows): those named, else the default and the other installed ones."""
-    from autotransfer.selector import default_backbones
-
-    if len(backbones) > 1 and weights not in ("pretrained", "random"):
-        raise click.UsageError(f"--weights {weights} is a state dict for one backbone; name one --backbone with it")
-    if backbones:
-        return list(dict.fromkeys(backbones)), []
-    default, *installed = default_backbones(weights)
-    return [default], installed
-
-
-def _profile_and_rank(scan, base: Plan, max_images: int, progress: bool, candidates: tuple[list[str], list[str]]):
-    from autotransfer.selector import profile_and_rank
-
-    named, optional = candidates
-    if len(named) + len(optional) > 1:
-        click.echo(f"profiling backbones: {', '.join([*named, *optional])}")
-    profiles, plans = profile_and_rank(scan, base, max_images, progress, named, optional, log=click.echo)
-    for profile in profiles:
-        distance = profile.summary.distance
-        click.echo(f"profile of {profile.backbone}: {profile.summary.method} distance "
-                   f"{distance if distance is None else round(distance, 2)}")
-    click.echo("ranked plans:")
-    return profiles, plans
-
-
-def _scan(data: Path, plan: Plan):
-    from autotransfer.data import scan_folder
-
-    scan = scan_folder(data, plan.val_fraction, plan.seed)
-    _print_skipped(scan)
-    sizes = ", ".join(f"{split} {len(r)}" for split, r in scan.splits.items())
-    click.echo(f"{data}: {len(scan.classes)} classes, {sizes} images")
-    return scan
+    chosen = dict(plan=plan_file) if plan_file else dict(strategy=strategy, backbone=backbones, **options)
+    run = api.fit(data, out, trials=trials, time_budget=time_budget, storage=storage, max_images=max_images,
+                  overwrite=overwrite, **chosen, **shown)
+    _echo_result(run.metrics, run.seconds, run.path)
+    if not (plan_file or strategy):
+        _echo_decision(run.plan, run.path)
 
 
 def _echo_result(metrics: dict, seconds: float, out: Path) -> None:
@@ -268,18 +223,19 @@ def _echo_decision(plan: Plan, out: Path) -> None:
 @_plan_options
 @click.option("--max-images", type=click.IntRange(min=2), default=400, help="Images the profile forwards (a stratified sample).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("plan.json"), help="Where to write the top-ranked Plan.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
-def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: Path, no_progress: bool, **options) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bars [default: bars only when stdout and stderr are terminals].")
+@click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and the ranked Plans (for scripts).")
+def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: Path, no_progress: bool, quiet: bool,
+                 **options) -> None:
     """Profile DATA and print the ranked Plans with their reasons; write the top one.
 
     `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
     """
-    _no_decided_options(options)
-    candidates = _candidates(backbones, options["weights"])
-    base = Plan(backbone=candidates[0][0], **options)
-    scan = _scan(data, base)
-    _, plans = _profile_and_rank(scan, base, max_images, not no_progress, candidates)
-    _echo_plans(plans)
+    plans = api.plan(data, backbone=backbones, max_images=max_images, progress=_progress(no_progress or quiet),
+                     log=None if quiet else click.echo, warn=_warn, **options)
+    click.echo("ranked plans:")
+    for line in ranked_lines(plans):
+        click.echo(line)
     plans[0].save(out)
     click.echo(f"top plan written to {out}; run it with `autotransfer fit {data} --plan {out}`")
 
@@ -296,8 +252,15 @@ def worker(run: Path) -> None:
     from autotransfer.selector import continue_search
 
     quiet_frameworks()
-    continue_search(run, adopt=False, log=click.echo)
+    with interruptible(lambda: _worker_kept(run)):
+        continue_search(run, adopt=False, log=click.echo)
     click.echo(f"no queued trial left in {run}'s study")
+
+
+def _worker_kept(run: Path) -> str:
+    from autotransfer.search import run_progress
+
+    return f"{run}'s study keeps {run_progress(run)}; any worker or `autotransfer fit DATA --resume --out {run}` runs the queued ones"
 
 
 @main.command()
@@ -308,28 +271,44 @@ def backbones(as_json: bool) -> None:
     "groups" are timm's coarse groups (stem first): the coordinate of --cut. "levels" are
     timm feature levels: the coordinate of --feature-level. Any other timm model name
     also works with `fit --backbone` when timm can download (or has cached) its weights.
+    A plugin that fails to load, or a backbone of one that breaks the contract, is
+    listed on stderr with the reason ("failed ...") and never used.
     """
-    from autotransfer.backbones import list_backbones, load_plugins
+    from autotransfer.backbones import PluginFailure, discover
     from autotransfer.strategies import describe_backbone
 
-    rows = [describe_backbone(spec) for spec in list_backbones()]
-    _, failures = load_plugins()
+    registry = discover()
+    rows, failures = [], list(registry.failures)
+    for spec in sorted(registry.specs.values(), key=lambda s: s.name):
+        try:  # builds it: a plugin's create() may still fail here
+            rows.append(describe_backbone(spec))
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            failures.append(PluginFailure(spec.package, spec.entry, f"{type(exc).__name__}: {first}", spec.name))
     if as_json:
-        click.echo(json.dumps({"backbones": rows, "failed_plugins": [f.__dict__ for f in failures]}, indent=2))
+        click.echo(json.dumps({"backbones": rows, "failed_plugins": [asdict(f) for f in failures]}, indent=2))
         return
-    header = f"{'name':<22} {'package':<32} {'params':>7} {'pretrained':<12} {'input':>5} {'mean/std':<28} {'groups':>6} {'levels':>6}"
-    click.echo(header)
-    for r in rows:
-        mean_std = f"{_fmt(r['mean'])}/{_fmt(r['std'])}"
-        click.echo(
-            f"{r['name']:<22} {r['package']:<32} {r['params_m']:>6.1f}M {r['pretrained_on']:<12} "
-            f"{r['input_size']:>5} {mean_std:<28} {r['groups']:>6} {r['levels']:>6}"
-        )
+    columns = [("name", "<"), ("package", "<"), ("params", ">"), ("pretrained", "<"), ("input", ">"),
+               ("mean/std", "<"), ("groups", ">"), ("levels", ">")]
+    cells = [[r["name"], r["package"], f"{r['params_m']:.1f}M", r["pretrained_on"], str(r["input_size"]),
+              f"{_fmt(r['mean'])}/{_fmt(r['std'])}", str(r["groups"]), str(r["levels"])] for r in rows]
+    widths = [max([len(title), *(len(c[i]) for c in cells)]) for i, (title, _) in enumerate(columns)]
+    for line in [[title for title, _ in columns], *cells]:
+        click.echo(" ".join(f"{v:{align}{w}}" for v, (_, align), w in zip(line, columns, widths)).rstrip())
     if not rows:
         click.echo("(none listed)")
     click.echo("Any timm model name also works online: `fit --backbone resnet50`.")
-    for f in failures:
-        click.echo(f"failed plugin {f.package}[{f.entry}]: {f.error}", err=True)
+    _echo_failures(failures)
+
+
+def _echo_failures(failures: list | None = None) -> None:
+    """Each broken plugin or backbone once, on stderr: it is skipped, never silently."""
+    if failures is None:
+        from autotransfer.backbones import discover
+
+        failures = discover().failures
+    for failure in failures:
+        click.echo(f"failed {failure}", err=True)
 
 
 def _fmt(values) -> str:
@@ -345,9 +324,7 @@ def _fmt(values) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
     """Accuracy, macro-F1, per-class accuracy and confusion matrix of RUN on DATA."""
-    from autotransfer.predict import evaluate_folder
-
-    report = evaluate_folder(run, data, split)
+    report = api.load(run).evaluate(data, split)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -371,9 +348,7 @@ def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
     """Top-k classes with probabilities for each IMAGE."""
-    from autotransfer.predict import predict_images
-
-    results = predict_images(run, list(images), top_k)
+    results = [p.to_dict() for p in api.load(run).predict(list(images), top_k)]
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -382,9 +357,45 @@ def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> N
         click.echo(f"{item['image']}: {guesses}")
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default="torchscript",
+              help="torchscript: loads with torch alone; onnx: any ONNX runtime (pip install 'autotransfer[export]').")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="File to write [default: RUN/model.torchscript.pt or RUN/model.onnx]; its preprocessing goes to OUT.json.")
+def export(run: Path, fmt: str, out: Path | None) -> None:
+    """Write RUN's model as a file that runs without autotransfer, timm or the backbone's
+    plugin, with its preprocessing (classes, input size, mean, std, interpolation, crop)
+    in OUT.json. The export is loaded back and compared with the PyTorch model on a few
+    photos; a difference of logits of 1e-4 or more is an error."""
+    from autotransfer.export import TOLERANCE, export as export_model
+
+    done = export_model(run, fmt, out)
+    click.echo(f"checked against the PyTorch model on {done.images} images: max abs difference of logits "
+               f"{done.max_abs_diff:.1e} (< {TOLERANCE:g})")
+    click.echo(f"wrote {done.path} ({done.format}) and {done.metadata} (preprocessing, classes)")
+
+
+@main.command("check-plugin")
+@click.argument("name")
+def check_plugin(name: str) -> None:
+    """Run the plugin contract checks on backbone NAME, one line each (PASS, FAIL or SKIP
+    and why): listed, builds, weights load, depths (feature levels, coarse groups), a
+    frozen fit on generated images, predict / evaluate, load_model in a fresh process,
+    and a cat photo through its ImageNet head (when it has one). Exit 1 if any fails.
+    In a plugin's tests: `autotransfer.testing.check_backbone(NAME)`."""
+    from autotransfer.testing import FAIL, run_checks
+
+    quiet_frameworks()
+    failed = sum(check.status == FAIL for check in run_checks(name, log=click.echo))
+    if failed:
+        raise click.ClickException(f"{name}: {failed} check(s) failed")
+    click.echo(f"{name}: every check passed")
+
+
 @main.command("demo-data")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--size", type=int, default=32, help="Side of the exported PNGs in px.")
+@click.option("--size", type=click.IntRange(min=8), default=32, help="Side of the exported PNGs in px.")
 def demo_data(out: Path, size: int) -> None:
     """Export scikit-learn's bundled digits (1,797 images, 10 classes) as an image folder.
 
@@ -403,12 +414,12 @@ def demo_data(out: Path, size: int) -> None:
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--max-images", type=click.IntRange(min=2), default=1000,
               help="Profile at most N images of train+val, sampled stratified by class (sizes and quality checks still read every file).")
-@click.option("--image-size", type=int, default=None, help="Input size in px [default: the backbone's].")
+@click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px [default: the backbone's].")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Folder of near-ImageNet photos that sets the reference level of the distances [default: photos bundled with scikit-image/scikit-learn].")
-@click.option("--seed", type=int, default=0, help="Seed of the sample and of the validation split drawn when DATA has no val/.")
+@click.option("--seed", type=int, callback=_plan_field, default=0, help="Seed of the sample and of the validation split drawn when DATA has no val/.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("profile.json"), help="Where to write the profile.")
-@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@click.option("--no-progress", is_flag=True, help="No progress bar [default: a bar only when stdout and stderr are terminals].")
 def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
     """Measure DATA for a backbone: size, images, quality, distance to ImageNet per depth.
 
@@ -418,9 +429,9 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
     distance to the calibration photos' features, LogME and leave-one-out k-NN with
     trivial baselines. Writes OUT (schema in README, "How it decides").
     """
-    from autotransfer.profile import format_profile, profile_dataset
+    from autotransfer.profile import format_profile
 
-    result = profile_dataset(data, progress=not no_progress, **options)
+    result = api.profile(data, progress=_progress(no_progress), **options)
     result.save(out)
     click.echo(format_profile(result))
     click.echo(f"profile saved to {out}")
@@ -434,12 +445,12 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
               help="CPU-sized: 64 px, 2 fine-tuning epochs, 'all' capped at 100 train images/class on average, a dataset's own val/ at 50/class and the held-out images at 200/class on average, fine-tuning grid = the middle cut and full, autotransfer within fit's default budget; every table says so. Options below override it.")
 @click.option("--backbone", default=DEFAULT_BACKBONE, help="Backbone name (see `autotransfer backbones`).")
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
-@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Input size in px for every recipe [default: 64 with --quick, else what fit chooses per dataset: 128 for images under 96 px, else the backbone's].")
+@click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px for every recipe [default: 64 with --quick, else what fit chooses per dataset: 128 for images under 96 px, else the backbone's].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Fine-tuning epochs of every recipe [default: 2 with --quick, else 6].")
-@click.option("--lr", type=float, default=None, help="Head learning rate of every recipe [default: 1e-3].")
+@click.option("--lr", type=float, callback=_plan_field, default=None, help="Head learning rate of every recipe [default: 1e-3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32]")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="autotransfer's search: number of trials [default: fit's default count; never a time budget].")
-@click.option("--seed", type=int, default=0, help="Seed of subsamples, splits and training.")
+@click.option("--seed", type=int, callback=_plan_field, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
 @click.option("--uncapped", is_flag=True, help="With --quick: keep every image of train, val and test (quick epochs and resolution, full size).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")
@@ -505,7 +516,7 @@ def _command_line(ctx: click.Context, head: list[str]) -> str:
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="The image folder, if it moved since the run [default: the one the run recorded].")
 @click.option("--curve", is_flag=True, help="Also fit a linear probe on cached features at every feature level: a measured frozen curve (one forward pass over train+val per level not yet cached).")
 @click.option("--max-misclassified", type=click.IntRange(min=0), default=48, help="Misclassified validation images shown, most confident first; 0 skips recomputing predictions.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@click.option("--no-progress", is_flag=True, help="No progress bars [default: bars only when stdout and stderr are terminals].")
 def report(run: Path, out: Path | None, data: Path | None, curve: bool, max_misclassified: int, no_progress: bool) -> None:
     """Explain RUN: data, decision, layer-transfer curve, search, errors.
 
@@ -513,13 +524,9 @@ def report(run: Path, out: Path | None, data: Path | None, curve: bool, max_misc
     report.json to --out. Works on explicit runs too: what they lack is named, with the
     command that produces it.
     """
-    from autotransfer.report import build_report, write_report
-
-    result = build_report(run, data, curve, max_misclassified, not no_progress, click.echo)
-    paths = write_report(result, out or run / "report")
-    for section, why in result.missing.items():
-        click.echo(f"{section}: {why}", err=True)
-    click.echo(f"report written to {paths['html']} (and {paths['md'].name}, {paths['json'].name})")
+    html = api.Run(run).report(out, data=data, curve=curve, max_misclassified=max_misclassified,
+                               progress=_progress(no_progress), log=click.echo, warn=_warn)
+    click.echo(f"report written to {html} (and report.md, report.json)")
 
 
 if __name__ == "__main__":

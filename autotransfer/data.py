@@ -1,9 +1,11 @@
 """Scan an image folder into a DatasetScan: classes, splits, per-file facts, skipped files.
 
 Layouts: `DATA/train/<class>/*` with optional `val/` and `test/`, or `DATA/<class>/*`
-directly (then a seeded, stratified validation split is drawn). Every file is decoded
-once (JPEG at reduced scale), so unreadable, truncated and non-image files are found
-before training, and its content hash keys the feature cache.
+directly (then a seeded, stratified validation split is drawn, exact duplicates kept on
+one side). Every file is decoded once (JPEG at reduced scale), so unreadable, truncated
+and non-image files are found before training, and its content hash keys the feature
+cache. What is not DATA is skipped and listed, never read: symlinks that leave DATA
+(unless followed on request), symlink loops, and RUN folders written into DATA.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,6 +31,8 @@ from autotransfer.errors import DataError
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 _THUMB = 64  # decode size for checks: enough to count colours, cheap for JPEG
+FOLLOW_SYMLINKS_ENV = "AUTOTRANSFER_FOLLOW_SYMLINKS"  # "1": follow symlinks that leave DATA
+RUN_MARKERS = ("plan.json", "model.pt", "search.json")  # a folder holding one is a RUN, not data
 
 
 @dataclass(frozen=True)
@@ -101,14 +106,12 @@ def _inspect(path: Path) -> tuple[ImageRecord | None, str]:
         raw = path.read_bytes()
     except OSError as exc:
         return None, f"unreadable: {exc.strerror or exc}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(raw)) as image:
-                fmt, mode, (width, height) = image.format or "?", image.mode, image.size
-                image.draft("RGB", (_THUMB, _THUMB))
-                image.load()
-                thumb = to_rgb(image)
+    try:  # runs in worker threads: PIL's warnings are silenced around the pool, not here
+        with Image.open(io.BytesIO(raw)) as image:
+            fmt, mode, (width, height) = image.format or "?", image.mode, image.size
+            image.draft("RGB", (_THUMB, _THUMB))
+            image.load()
+            thumb = to_rgb(image)
     except Image.DecompressionBombError:
         return None, "image too large (decompression bomb guard)"
     except (OSError, SyntaxError, ValueError) as exc:
@@ -123,17 +126,88 @@ def _inspect(path: Path) -> tuple[ImageRecord | None, str]:
     return record, ""
 
 
-def _is_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".")
+class _Walk:
+    """Lists DATA's folders and files and notes what it leaves out, and why.
+
+    A symlink is followed when its target is inside DATA (or `follow` is set); one to a
+    folder that holds it (DATA itself, `/`) would loop and is never followed. A folder
+    holding a RUN (RUN_MARKERS) or named in `exclude` is not data.
+    """
+
+    def __init__(self, root: Path, follow: bool, exclude: Iterable[str | Path]) -> None:
+        self.real_root = root.resolve()
+        self.follow = follow
+        self.exclude = {Path(p).resolve() for p in exclude}
+        self.notes: dict[str, str] = {}  # path -> why it was not read
+
+    def folders(self, folder: Path, chain: tuple[Path, ...]) -> list[Path]:
+        """Sub-folders of `folder` that are classes or splits (`chain`: the real folders
+        walked down to `folder`, DATA's first)."""
+        found = []
+        for child in self._children(folder):
+            if child.is_dir() or (child.is_symlink() and not child.exists()):
+                why = self._blocked(child, chain) or self._only_runs(child)
+                if why:
+                    self.notes[str(child)] = why
+                else:
+                    found.append(child)
+        return found
+
+    def files(self, folder: Path, chain: tuple[Path, ...]) -> list[Path]:
+        """Every file under `folder`, hidden files aside (hidden folders are read)."""
+        found = []
+        for child in self._children(folder, hidden_folders=True):
+            if why := self._blocked(child, chain):
+                self.notes[str(child)] = why
+            elif child.is_dir():
+                found += self.files(child, (*chain, child.resolve()))
+            elif child.is_file():
+                found.append(child)
+        return found
+
+    def hint(self, under: Path) -> str:
+        """' (N symlinks out of DATA skipped; how to follow them)' for those under `under`."""
+        prefix = str(under) + os.sep
+        n = sum(p.startswith(prefix) and "outside DATA" in why for p, why in self.notes.items())
+        return f" ({n} symlink(s) out of DATA skipped; {FOLLOW_SYMLINKS_ENV}=1 follows them)" if n else ""
+
+    def _children(self, folder: Path, hidden_folders: bool = False) -> list[Path]:
+        try:
+            children = sorted(folder.iterdir())
+        except OSError as exc:
+            self.notes[str(folder)] = f"unreadable folder: {exc.strerror or exc}"
+            return []
+        return [c for c in children if not c.name.startswith(".") or (hidden_folders and c.is_dir())]
+
+    def _blocked(self, path: Path, chain: tuple[Path, ...]) -> str:
+        """Why `path` is not read ('' if it is)."""
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            if not target.exists():
+                return "broken symlink (missing target, or a link to itself): skipped"
+            if target.is_dir() and any(c == target or target in c.parents for c in chain):
+                return f"symlink to {target}, a folder that holds it: a loop, never followed"
+            if not self.follow and not target.is_relative_to(self.real_root):
+                return f"symlink to {target}, outside DATA: skipped ({FOLLOW_SYMLINKS_ENV}=1 follows it)"
+        return self._run(path) if path.is_dir() else ""
+
+    def _run(self, folder: Path) -> str:
+        if folder.resolve() in self.exclude:
+            return "the RUN folder this command writes: not data"
+        marker = next((m for m in RUN_MARKERS if (folder / m).is_file()), None)
+        return f"a RUN folder (has {marker}): not data" if marker else ""
+
+    def _only_runs(self, folder: Path) -> str:
+        """A folder of RUN folders (`runs/` when `fit` ran inside DATA) is not a class."""
+        children = self._children(folder)
+        if children and all(c.is_dir() and self._run(c) for c in children):  # stops at the first file
+            return f"holds only RUN folders ({', '.join(c.name for c in children)}): not a class"
+        return ""
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _find_splits(root: Path) -> dict[str, Path]:
+def _find_splits(folders: list[Path]) -> dict[str, Path]:
     splits = {}
-    for child in _class_dirs(root):
+    for child in folders:
         name = _SPLIT_ALIASES.get(child.name.lower(), child.name.lower())
         if name in SPLIT_NAMES:
             splits[name] = child
@@ -141,52 +215,66 @@ def _find_splits(root: Path) -> dict[str, Path]:
 
 
 def scan_folder(
-    root: str | Path, val_fraction: float | None = 0.2, seed: int = 0, workers: int | None = None
+    root: str | Path, val_fraction: float | None = 0.2, seed: int = 0, workers: int | None = None,
+    follow_symlinks: bool | None = None, exclude: Iterable[str | Path] = (),
 ) -> DatasetScan:
     """Read the folder layout and decode every file once; raise DataError on bad layouts.
 
     Without a val/ folder, `val_fraction` of train is drawn as validation (None: not).
+    Symlinks that leave DATA are skipped and listed in `skipped` unless `follow_symlinks`
+    (None: the AUTOTRANSFER_FOLLOW_SYMLINKS environment variable, so every command that
+    rescans DATA sees the same files); so are RUN folders and the folders in `exclude`.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root} does not exist; expected a folder like {root}/<class>/<image>.jpg")
     if not root.is_dir():
         raise DataError(f"{root} is a file; expected a folder like {root}/<class>/<image>.jpg")
-    split_dirs = _find_splits(root)
+    if follow_symlinks is None:
+        follow_symlinks = os.environ.get(FOLLOW_SYMLINKS_ENV, "") not in ("", "0")
+    walk = _Walk(root, follow_symlinks, exclude)
+    top = walk.folders(root, (walk.real_root,))
+    split_dirs = _find_splits(top)
     if split_dirs and "train" not in split_dirs:
         found = ", ".join(sorted(split_dirs))
-        raise DataError(f"{root} has {found}/ but no train/; add {root}/train/<class>/<image>.jpg")
+        raise DataError(
+            f"{root} has {found}/ but no train/; add {root}/train/<class>/<image>.jpg{walk.hint(root)}"
+        )
     layout = "splits" if split_dirs else "class-folders"
+    where = split_dirs.get("train", root)
+    chains = {split: (walk.real_root, folder.resolve()) for split, folder in split_dirs.items()}
+    class_dirs = {split: walk.folders(folder, chains[split]) for split, folder in split_dirs.items()}
     if not split_dirs:
-        split_dirs = {"train": root}
+        split_dirs, chains, class_dirs = {"train": root}, {"train": (walk.real_root,)}, {"train": top}
 
-    class_names = [d.name for d in _class_dirs(split_dirs["train"])]
-    where = split_dirs["train"]
+    class_names = [d.name for d in class_dirs["train"]]
     if len(class_names) < 2:
         found = f"{len(class_names)} class folder" + ("s" if len(class_names) != 1 else "")
         named = f" ('{class_names[0]}')" if class_names else ""
         raise DataError(
-            f"{where} has {found}{named}; need at least 2: {where}/<class>/<image>.jpg"
+            f"{where} has {found}{named}; need at least 2: {where}/<class>/<image>.jpg{walk.hint(where)}"
         )
 
     files: list[tuple[str, int, Path]] = []
-    for split, folder in split_dirs.items():
-        for class_dir in _class_dirs(folder):
+    for split in split_dirs:
+        for class_dir in class_dirs[split]:
             if class_dir.name not in class_names:
                 raise DataError(
                     f"{class_dir} is a class that {where} does not have; "
                     f"classes in train/: {', '.join(class_names)}"
                 )
             label = class_names.index(class_dir.name)
-            for path in sorted(class_dir.rglob("*")):
-                if _is_file(path):
-                    files.append((split, label, path))
+            for path in walk.files(class_dir, (*chains[split], class_dir.resolve())):
+                files.append((split, label, path))
 
-    with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+    # PIL's warnings (EXIF, sizes) are silenced in this thread, around the pool: catch_warnings
+    # is not thread-safe, and in the workers it left a global "ignore" behind
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+        warnings.simplefilter("ignore")
         inspected = list(pool.map(lambda item: _inspect(item[2]), files))
 
     splits: dict[str, list[ImageRecord]] = {name: [] for name in split_dirs}
-    skipped: list[SkippedFile] = []
+    skipped = [SkippedFile(path, why) for path, why in walk.notes.items()]
     for (split, label, path), (record, reason) in zip(files, inspected):
         if record is None:
             skipped.append(SkippedFile(str(path), reason))
@@ -201,7 +289,7 @@ def scan_folder(
         if not any(r.label == label for r in splits["train"]):
             raise DataError(
                 f"class '{name}' has no readable image in {where / name}; "
-                "add images or remove the folder"
+                f"add images or remove the folder{walk.hint(where / name)}"
             )
     scan = DatasetScan(str(root), class_names, splits, skipped, layout)
     if "val" not in scan.splits and val_fraction is not None:
@@ -245,23 +333,35 @@ def _drop_graphic_outliers(
 def stratified_split(
     records: list[ImageRecord], fraction: float, seed: int
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Seeded per-class split; every class with 2+ images keeps one on each side, and a
-    class with one image keeps it in train."""
+    """Seeded per-class split that keeps exact duplicates (same sha1) on one side: a copy
+    of a training image in val would score memory. Every class with 2+ distinct images
+    keeps one on each side, and a class with one keeps it in train.
+
+    Copies are drawn as one unit, counted in the class of their first path; without
+    duplicates the split is the one drawn image by image."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation fraction must be between 0 and 1, but got {fraction}")
     rng = random.Random(seed)
+    copies: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.path):
+        copies[record.sha1].append(record)
+    by_class: dict[int, list[list[ImageRecord]]] = defaultdict(list)
+    for unit in copies.values():
+        by_class[unit[0].label].append(unit)
     train, val = [], []
-    by_class: dict[int, list[ImageRecord]] = defaultdict(list)
-    for record in records:
-        by_class[record.label].append(record)
     for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda r: r.path)
-        rng.shuffle(members)
-        n_val = round(len(members) * fraction)
-        if len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        else:  # a single image trains: a class missing from train could never be predicted
-            n_val = 0
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
+        units = sorted(by_class[label], key=lambda u: u[0].path)
+        rng.shuffle(units)
+        n = sum(map(len, units))
+        n_val = 0  # a single image trains: a class missing from train could never be predicted
+        if len(units) >= 2:
+            n_val = min(max(round(n * fraction), 1), n - 1)
+        to_val, taken = [False] * len(units), 0
+        for i, unit in enumerate(units):
+            if taken + len(unit) <= n_val:
+                to_val[i], taken = True, taken + len(unit)
+        if n_val and not taken:  # every unit is larger than the share: the smallest goes
+            to_val[min(range(len(units)), key=lambda i: len(units[i]))] = True
+        for unit, drawn in zip(units, to_val):
+            (val if drawn else train).extend(unit)
     return train, val

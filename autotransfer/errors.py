@@ -1,8 +1,14 @@
-"""One error hierarchy for user mistakes: the CLI prints them as one line, exit code 1.
+"""One error hierarchy for user mistakes: the CLI prints them as one line, exit code 1
+(UsageError: 2).
 
 Messages follow "found -> expected -> fix". Bugs are not AutotransferErrors and keep
 their traceback.
 """
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class AutotransferError(Exception):
@@ -23,3 +29,67 @@ class PlanError(AutotransferError):
 
 class RunError(AutotransferError):
     """A RUN folder that is not (or not yet) an autotransfer run."""
+
+
+class UsageError(AutotransferError):
+    """Options that do not fit together; the CLI exits 2 for it, as for any wrong command line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's stop button) during `fit`; the message says what was kept
+    and where. A KeyboardInterrupt, so that it stops whatever called `fit`."""
+
+
+@contextmanager
+def interruptible(kept: Callable[[], str]) -> Iterator[None]:
+    """Turn Ctrl-C, however it arrives (a KeyboardInterrupt, or the exit(1) Lightning makes
+    of it once it has saved its weights), into Interrupted(`kept()`)."""
+    from autotransfer.search import is_ctrl_c
+
+    try:
+        yield
+    except Interrupted:
+        raise
+    except BaseException as exc:
+        if not is_ctrl_c(exc):
+            raise
+        raise Interrupted(kept()) from None
+
+
+
+def user_file_error(exc: BaseException) -> str | None:
+    """One line for an error raised by a user's file or folder; None for anything else.
+
+    OSError (missing, read-only, full, a file where a folder should be), text that is not
+    UTF-8 or not JSON, an image too large to decode: the CLI prints the line and exits 1.
+    Anything else is a bug in autotransfer and keeps its traceback.
+    """
+    import errno
+    import json
+
+    from PIL import Image
+
+    from autotransfer.features import cache_dir
+
+    if isinstance(exc, OSError) and exc.filename is not None:
+        where = f"'{exc.filename}'" + (f" -> '{exc.filename2}'" if exc.filename2 else "")
+        if exc.errno in (errno.EROFS, errno.ENOSPC):
+            fix = "pass a path on a writable disk with free space (--out, AUTOTRANSFER_CACHE)"
+        elif str(exc.filename).startswith(str(cache_dir().parent)):
+            fix = "it is in autotransfer's cache; point AUTOTRANSFER_CACHE to a writable folder"
+        else:
+            fix = {
+                FileExistsError: "it is a file where a folder is needed; pass a folder or a new path (e.g. --out)",
+                NotADirectoryError: "part of that path is a file, not a folder; pass another path (e.g. --out)",
+                IsADirectoryError: "it is a folder where a file is needed; pass a file path",
+                FileNotFoundError: "it (or its folder) does not exist; create the folder or pass an existing path",
+                PermissionError: "make it readable and writable (chmod u+rw) or pass another path (e.g. --out)",
+            }.get(type(exc), "check the path and pass another one if needed")
+        return f"{where}: {exc.strerror or exc}; {fix}"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"an image is too large to decode safely ({exc}); resize it, or leave it out"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a JSON file is damaged ({exc}); restore it, or rerun the command that wrote it"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file that should be UTF-8 text is not ({exc}); pass the right file, or restore it"
+    return None

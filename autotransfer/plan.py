@@ -10,14 +10,48 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from autotransfer.errors import PlanError
 
 STRATEGIES = ("frozen", "partial", "full")
 BN_MODES = ("frozen", "train")
 AUGMENTS = ("crop", "strong")  # features.train_transform
+
+
+# What each numeric field must be, besides finite. Plan checks them all; the CLI's options
+# call `check_number` as they are parsed, so both say the same thing. `cut` and
+# `feature_level` are checked against the backbone's own range when the network is built
+# (strategies.py), which can say what the range is.
+LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "image_size": (lambda v: v >= 16, "at least 16 px"),
+    "epochs": (lambda v: v >= 0, "at least 0"),  # 0: partial/full keep their linear head
+    "lr": (lambda v: v > 0, "positive"),
+    "backbone_lr_ratio": (lambda v: v > 0, "positive"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    "seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),  # numpy's seed range
+}
+
+
+def check_number(name: str, value: float | None, label: str | None = None) -> None:
+    """PlanError unless `value` suits Plan field `name` (None passes: "not set").
+
+    `label` names the value as the user typed it (`--lr`); the field name otherwise.
+    """
+    label = label or name
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise PlanError(f"{label} must be a finite number, but got {value}")
+    test, expected = LIMITS[name]
+    if not test(value):
+        raise PlanError(f"{label} must be {expected}, but got {value}")
 
 
 @dataclass
@@ -66,8 +100,8 @@ class Plan:
             raise PlanError(f"bn_mode must be one of {', '.join(BN_MODES)}, but got '{self.bn_mode}'")
         if self.augment not in AUGMENTS:
             raise PlanError(f"augment must be one of {', '.join(AUGMENTS)}, but got '{self.augment}'")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise PlanError(f"label_smoothing must be in [0, 1), but got {self.label_smoothing}")
+        for name in LIMITS:
+            check_number(name, getattr(self, name))
         if self.strategy == "partial" and self.cut is None:
             raise PlanError("strategy 'partial' needs a cut: --cut N freezes the N lowest groups")
         if self.strategy != "partial" and self.cut is not None:
@@ -80,22 +114,11 @@ class Plan:
                 f"all_levels reads every feature level of a frozen backbone; it needs strategy 'frozen' "
                 f"and no feature_level, but got strategy '{self.strategy}', feature_level {self.feature_level}"
             )
-        for name in ("batch_size",):
-            if getattr(self, name) < 1:
-                raise PlanError(f"{name} must be at least 1, but got {getattr(self, name)}")
-        for name in ("epochs",):
-            if getattr(self, name) < 0:
-                raise PlanError(f"{name} must be at least 0, but got {getattr(self, name)}")
-        for name in ("lr", "backbone_lr_ratio"):
-            if getattr(self, name) <= 0:
-                raise PlanError(f"{name} must be positive, but got {getattr(self, name)}")
         if not self.lp_init and (self.strategy == "frozen" or self.epochs < 1):
             raise PlanError(
                 f"lp_init false (fine-tune from a random head) needs strategy partial or full "
                 f"with epochs >= 1, but got strategy '{self.strategy}' with {self.epochs} epochs"
             )
-        if self.image_size is not None and self.image_size < 16:
-            raise PlanError(f"image_size must be at least 16 px, but got {self.image_size}")
 
     def _check_types(self) -> None:
         """plan.json is edited by hand: say which value has the wrong type, and how."""
@@ -122,13 +145,17 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"plan file '{path}' not found") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"plan file '{path}' is not valid JSON: {exc}") from None
-        if isinstance(data, dict):
-            data.pop("head_epochs", None)  # plans from before the probe replaced the SGD head
+        if not isinstance(data, dict):
+            raise PlanError(
+                f"plan file '{path}' holds {type(data).__name__} {json.dumps(data)[:40]}, not a Plan; "
+                "expected an object like the plan.json `autotransfer plan` writes"
+            )
+        data.pop("head_epochs", None)  # plans from before the probe replaced the SGD head
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -148,3 +175,9 @@ def describe(plan: Plan) -> str:
         f", lr {plan.lr:.2g}, {plan.epochs} epochs, bn {plan.bn_mode}, {plan.augment} augmentation"
         if plan.strategy != "frozen" else ""
     )
+
+
+def ranked_lines(plans: list[Plan]) -> list[str]:
+    """Ranked Plans, each with its reasons, as `fit` and `plan` print them."""
+    return [line for rank, plan in enumerate(plans, start=1)
+            for line in (f"{rank}. {describe(plan)}", *(f"     - {reason}" for reason in plan.reasons))]

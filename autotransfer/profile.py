@@ -636,7 +636,13 @@ def calibrate(
     blob = json.dumps([CALIBRATION_VERSION, architecture, weights_id, asdict(prep), folder_id])
     path = _calibration_dir() / f"{hashlib.sha1(blob.encode()).hexdigest()[:20]}.pt"
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(cached, dict) and {"bn_gap", "feature_mean", "feature_var"} <= cached.keys():
+                return cached
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            pass
+        path.unlink(missing_ok=True)
     source_id, images = calibration_images(source)
     if not images:
         return None
@@ -957,6 +963,25 @@ def format_profile(profile: Profile, max_listed: int = 10) -> str:
     lines.append(f"best depth: kNN {sm.best_knn_depth}, LogME {sm.best_logme_depth}")
     lines += [f"note: {n}" for n in sm.notes]
     return "\n".join(lines)
+
+
+def quality_warnings(qual: Quality, max_listed: int = 10) -> list[str]:
+    """The profile's notes that make scores untrustworthy, with their files: copies across
+    splits (val or test then scores memory) and copies with different labels. `fit`
+    prints them, and needs no profile for it (`quality` reads the scan alone)."""
+    lines = []
+    leaks = [g for g in qual.duplicates if g.leak]
+    conflicts = [g for g in qual.duplicates if g.label_conflict]
+    for groups, headline in (
+        (leaks, f"{qual.leaked_files} files are identical across splits (leakage); keep one copy"),
+        (conflicts, f"identical files carry different labels ({len(conflicts)} group(s)); keep the right one"),
+    ):
+        if groups:
+            lines.append(f"warning: {headline}:")
+            lines += ["  " + " = ".join(f"{path} [{split}]" for path, split in zip(g.paths, g.splits))
+                      for g in groups[:max_listed]]
+            lines += [f"  ... and {len(groups) - max_listed} more group(s)"] if len(groups) > max_listed else []
+    return lines
 
 
 def _join(values: list[float]) -> str:

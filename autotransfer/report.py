@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
-import html
 import io
 import json
 import re
@@ -28,7 +27,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import jinja2
 import torch
+from markupsafe import Markup, escape
 from PIL import Image, ImageOps
 
 from autotransfer import __version__, plots
@@ -672,8 +673,10 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 def _sections(r: Report) -> list[tuple[str, str, list]]:
-    """(anchor, title, blocks); a block is ("p", text) | ("table", header, rows) |
-    ("list", items) | ("figure", name) | ("missing", text) | ("code", text) | ("grid", items)."""
+    """(anchor, title, blocks); a block is ("p", text) | ("b", text) | ("h3", text) |
+    ("table", header, rows) | ("list", items) | ("figure", name) | ("missing", text) |
+    ("note", text) | ("grid", items). Text is plain, `backticks` mark code: each renderer
+    escapes it for its format."""
     sections = []
 
     # 1. the data
@@ -740,7 +743,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
     # 2. the decision
     blocks = []
     if r.plan is not None:
-        blocks.append(("p", f"<b>{r.decision}</b>"))
+        blocks.append(("b", r.decision))
         if r.plan.reasons:
             blocks.append(("list", r.plan.reasons))
         keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "weights", "image_size",
@@ -769,7 +772,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
         blocks.append(("p", "Yosinski et al. (2014) measured how transferable each layer is by cutting a "
                             "network at every depth, freezing what is below (or fine-tuning it) and training "
                             "the rest. This is the same picture for this dataset: x is the cut, the number of "
-                            "coarse groups kept frozen (stem first, the coordinate of <code>--cut</code>); a frozen "
+                            "coarse groups kept frozen (stem first, the coordinate of `--cut`); a frozen "
                             "extractor at a depth freezes every group up to it, full fine-tuning freezes none."))
         blocks.append(("figure", "transfer-curve"))
         sources = {p.source for p in r.curve}
@@ -882,91 +885,78 @@ def _data_uri(png: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(png).decode('ascii')}"
 
 
-def _inline_html(text: str) -> str:
-    """Escape, then turn `code` spans into <code> (and keep the few tags we write)."""
-    if text.startswith("<b>") and text.endswith("</b>"):
-        return f"<b>{html.escape(text[3:-4])}</b>"
-    if "<code>" in text:
-        return text
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+def _code_spans(text: str) -> Markup:
+    """Escape plain text, then turn `backtick` spans into <code>."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
+# Jinja2 escapes every value (class names, paths, reasons: any of them may hold markup);
+# only the template's own tags, and <code> from `_code_spans`, are HTML.
+_HTML = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+_HTML.filters.update(code=_code_spans, data_uri=_data_uri, name=lambda path: Path(path).name)
+_HTML.tests["numeric"] = lambda v: isinstance(v, (int, float)) or re.fullmatch(r"-?[0-9.]+", str(v)) is not None
+_PAGE = _HTML.from_string("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>autotransfer report: {{ r.run }}</title><style>{{ css }}</style></head>
+<body><main>
+<header><h1>autotransfer report: {{ r.run }}</h1>
+<p class="lead">{{ r.kind }} run{% if r.decision %}; chosen: <b>{{ r.decision }}</b>{% endif %}
+{% if r.decision and r.metrics %}; val accuracy <b>{{ "%.4f"|format(r.metrics["val"]["accuracy"]) }}</b>{% endif %}</p>
+<nav>{% for anchor, title, _ in sections %}<a href="#{{ anchor }}">{{ loop.index }}. {{ title }}</a>{% endfor %}</nav>
+</header>
+{% for anchor, title, blocks in sections %}
+<section id="{{ anchor }}"><h2>{{ loop.index }}. {{ title }}</h2>
+{% for block in blocks %}
+{% if block[0] == "p" %}<p>{{ block[1]|code }}</p>
+{% elif block[0] == "b" %}<p><b>{{ block[1] }}</b></p>
+{% elif block[0] == "h3" %}<h3>{{ block[1] }}</h3>
+{% elif block[0] == "list" %}<ul>{% for item in block[1] %}<li>{{ item|code }}</li>{% endfor %}</ul>
+{% elif block[0] == "missing" %}<div class="missing">Missing: {{ block[1]|code }}</div>
+{% elif block[0] == "note" %}<div class="note">{{ block[1]|code }}</div>
+{% elif block[0] == "table" %}
+<table><tr>{% for h in block[1] %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in block[2] %}<tr>{% for v in row %}<td{% if v is numeric %} class="num"{% endif %}>{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% elif block[0] == "figure" and block[1] in figures %}
+<figure><img alt="{{ figures[block[1]].caption }}" src="{{ figures[block[1]].png|data_uri }}"><figcaption>{{ figures[block[1]].caption }}</figcaption></figure>
+{% elif block[0] == "grid" %}
+<div class="grid">{% for item in block[1] %}<div class="cell" title="{{ item.path }}"><img alt="{{ item.path|name }}" src="{{ item.thumbnail|data_uri("image/jpeg") }}"><span class="t">true {{ item.true }}</span><br><span class="p">pred {{ item.predicted }} ({{ "%.2f"|format(item.confidence) }})</span><br>{{ item.path|name }}</div>{% endfor %}</div>
+{% endif %}
+{% endfor %}
+</section>
+{% endfor %}
+<footer>Generated {{ r.created }} by <code>autotransfer report</code> from {{ r.run }}; {{ versions }}. Data: report.json next to this file.</footer>
+</main></body></html>
+""")
 
 
 def render_html(report: Report, figs: list[Chart]) -> str:
     """One self-contained page: inline CSS, data-URI images, no script, no network."""
-    by_name = {f.name: f for f in figs}
-    r = report
-    parts = []
-    sections = _sections(r)
-    title = f"autotransfer report: {r.run}"
-    head = [f"<h1>{html.escape(title)}</h1>"]
-    if r.decision:
-        head.append(f'<p class="lead">{html.escape(r.kind)} run; chosen: <b>{html.escape(r.decision)}</b>'
-                    + (f"; val accuracy <b>{r.metrics['val']['accuracy']:.4f}</b>" if r.metrics else "") + "</p>")
-    else:
-        head.append(f'<p class="lead">{html.escape(r.kind)} run</p>')
-    head.append("<nav>" + "".join(f'<a href="#{a}">{i}. {html.escape(t)}</a>' for i, (a, t, _) in enumerate(sections, 1)) + "</nav>")
-    parts.append("<header>" + "".join(head) + "</header>")
-    for i, (anchor, title_, blocks) in enumerate(sections, 1):
-        parts.append(f'<section id="{anchor}"><h2>{i}. {html.escape(title_)}</h2>')
-        for block in blocks:
-            kind = block[0]
-            if kind == "p":
-                parts.append(f"<p>{_inline_html(block[1])}</p>")
-            elif kind == "h3":
-                parts.append(f"<h3>{html.escape(block[1])}</h3>")
-            elif kind == "list":
-                parts.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in block[1]) + "</ul>")
-            elif kind == "missing":
-                parts.append(f'<div class="missing">Missing: {_inline_html(block[1])}</div>')
-            elif kind == "note":
-                parts.append(f'<div class="note">{_inline_html(block[1])}</div>')
-            elif kind == "table":
-                header, rows = block[1], block[2]
-                parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
-                for row in rows:
-                    parts.append("<tr>" + "".join(
-                        f'<td class="num">{html.escape(str(v))}</td>' if isinstance(v, (int, float)) or re.fullmatch(r"-?[0-9.]+", str(v))
-                        else f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
-                parts.append("</table>")
-            elif kind == "figure":
-                fig = by_name.get(block[1])
-                if fig:
-                    parts.append(f'<figure><img alt="{html.escape(fig.caption)}" src="{_data_uri(fig.png)}">'
-                                 f"<figcaption>{html.escape(fig.caption)}</figcaption></figure>")
-            elif kind == "grid":
-                cells = []
-                for item in block[1]:
-                    cells.append(
-                        f'<div class="cell" title="{html.escape(item.path)}"><img alt="{html.escape(Path(item.path).name)}" '
-                        f'src="{_data_uri(item.thumbnail, "image/jpeg")}"><span class="t">true {html.escape(item.true)}</span><br>'
-                        f'<span class="p">pred {html.escape(item.predicted)} ({item.confidence:.2f})</span><br>'
-                        f"{html.escape(Path(item.path).name)}</div>")
-                parts.append('<div class="grid">' + "".join(cells) + "</div>")
-        parts.append("</section>")
-    versions = ", ".join(f"{k} {v}" for k, v in r.versions.items())
-    parts.append(f"<footer>Generated {html.escape(r.created)} by <code>autotransfer report</code> from {html.escape(r.run)}; "
-                 f"{html.escape(versions)}. Data: report.json next to this file.</footer>")
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body><main>\n"
-        + "\n".join(parts) + "\n</main></body></html>\n"
-    )
+    return _PAGE.render(
+        r=report, sections=_sections(report), figures={f.name: f for f in figs}, css=Markup(_CSS),
+        versions=", ".join(f"{k} {v}" for k, v in report.versions.items()),
+    ) + "\n"
+
+
+def _md(text) -> str:
+    """One line of Markdown text. Markdown passes HTML through, so no value (a class name,
+    a path, a reason) may open a tag: its < and > become entities."""
+    return " ".join(str(text).splitlines()).replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _md_cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _md(value).replace("|", "\\|")
 
 
 def render_markdown(report: Report, figs: list[Chart]) -> str:
     """The same sections in Markdown; figures and thumbnails are files beside it."""
     by_name = {f.name: f for f in figs}
     r = report
-    lines = [f"# autotransfer report: {r.run}", ""]
+    lines = [f"# autotransfer report: {_md(r.run)}", ""]
     if r.decision:
-        lines.append(f"{r.kind} run; chosen: **{r.decision}**"
+        lines.append(f"{r.kind} run; chosen: **{_md(r.decision)}**"
                      + (f"; val accuracy **{r.metrics['val']['accuracy']:.4f}**" if r.metrics else ""))
     else:
         lines.append(f"{r.kind} run")
@@ -976,17 +966,17 @@ def render_markdown(report: Report, figs: list[Chart]) -> str:
         for block in blocks:
             kind = block[0]
             if kind == "p":
-                text = block[1]
-                text = text[3:-4] if text.startswith("<b>") else text
-                lines += [re.sub(r"</?code>", "`", text), ""]
+                lines += [_md(block[1]), ""]
+            elif kind == "b":
+                lines += [f"**{_md(block[1])}**", ""]
             elif kind == "h3":
-                lines += [f"### {block[1]}", ""]
+                lines += [f"### {_md(block[1])}", ""]
             elif kind == "list":
-                lines += [f"- {x}" for x in block[1]] + [""]
+                lines += [f"- {_md(x)}" for x in block[1]] + [""]
             elif kind == "missing":
-                lines += [f"> **Missing:** {block[1]}", ""]
+                lines += [f"> **Missing:** {_md(block[1])}", ""]
             elif kind == "note":
-                lines += [f"> {block[1]}", ""]
+                lines += [f"> {_md(block[1])}", ""]
             elif kind == "table":
                 header, rows = block[1], block[2]
                 lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
@@ -995,7 +985,7 @@ def render_markdown(report: Report, figs: list[Chart]) -> str:
                 lines.append("")
             elif kind == "figure" and block[1] in by_name:
                 fig = by_name[block[1]]
-                lines += [f"![{fig.caption}](figures/{fig.name}.png)", ""]
+                lines += [f"![{_md(fig.caption)}](figures/{fig.name}.png)", ""]
             elif kind == "grid":
                 lines.append("| image | true | predicted | confidence | file |")
                 lines.append("|---|---|---|---|---|")

@@ -4,18 +4,23 @@ The objective is validation balanced accuracy (`metrics.balanced_accuracy`): acc
 that does not depend on the class mix of the val split.
 
 Only this module imports Optuna. The study lives in a storage (SQLite inside RUN by
-default, or any Optuna RDB URL such as postgresql://...), so a killed process loses no
-finished trial, `fit --resume RUN` continues, and `autotransfer worker RUN` processes on
-other machines can join the same study.
+default, named relative to RUN; or any Optuna RDB URL such as postgresql://...), so a
+killed process loses no finished trial, `fit --resume RUN` continues (an interrupted
+trial runs again with its own Plan), and `autotransfer worker RUN` processes on other
+machines can join the same study, each trial drawing its own sampler seed.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import socket
 import time
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Callable
 
 import optuna
 
-from autotransfer.errors import AutotransferError, RunError
+from autotransfer.errors import AutotransferError, PlanError, RunError
 from autotransfer.metrics import balanced_accuracy_gap_se
 from autotransfer.plan import AUGMENTS, Plan
 from autotransfer.strategies import all_levels_supported, depth_of
@@ -39,6 +44,14 @@ MAX_TRAINED_GROUPS = 6
 # 3 and 2.6 held-out points. Among the rules' Plans the best on val wins: giving ties within
 # one standard error to the rules' ranking instead was worse over 24 bench cells (README).
 SAMPLED_LEAD_STANDARD_ERRORS = 1.0
+# The best fine-tuned trial replaces the best frozen one only when it leads by more than
+# this many paired standard errors on the same images. Fine-tuning costs more and can
+# fail quietly, and on few images its lead is mostly luck: in the quick bench it led the
+# probes by 1 of 20 cross-validated images (0.36 SE, hymenoptera 10/class) and lost 11
+# held-out points (5.9 at 224 px, 0.56 SE). The price: at cifar10 50/class a lead of
+# 0.5 SE on 100 val images, worth 4.1 held-out points, is now declined (README, "How it
+# decides").
+FINETUNE_LEAD_STANDARD_ERRORS = 1.0
 # A trial is pruned at a step only against the median of at least this many finished
 # trials' reports there: against one, the quick bench pruned a full fine-tune after its
 # first epoch of 2 behind a partial one, and it would have won (cifar10, 50/class).
@@ -78,11 +91,15 @@ class SearchConfig:
     seed: int = 0
     study_name: str = STUDY_NAME
     # A running trial whose process sent no heartbeat for 3 intervals is marked failed
-    # (a killed worker), and `fit --resume` queues a replacement.
+    # (a killed worker) and queued again with its own Plan (`requeue_interrupted`).
     heartbeat_seconds: int = 10
+    # What the search runs on (`selector.data_hash`): `--resume` and workers refuse other data.
+    data_hash: str | None = None
 
     def save(self, run_dir: Path) -> None:
-        payload = {**asdict(self), "base": asdict(self.base)}
+        """Write RUN/search.json; a SQLite study inside RUN is named relative to RUN, so a
+        moved or copied RUN keeps using its own study."""
+        payload = {**asdict(self), "base": asdict(self.base), "storage": _relative_to(self.storage, run_dir)}
         (run_dir / SEARCH_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
@@ -93,8 +110,14 @@ class SearchConfig:
                 f"{run_dir} has no {SEARCH_FILE}: it is not a search run; "
                 "start one with `autotransfer fit DATA --out RUN` (no --strategy)"
             )
-        payload = json.loads(path.read_text())
-        return cls(**{**payload, "base": Plan(**payload["base"])})
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{**payload, "base": Plan(**payload["base"]), "storage": _resolved_in(payload["storage"], run_dir)})
+        except (ValueError, TypeError, LookupError, PlanError) as exc:  # JSON and UTF-8 errors are ValueErrors
+            raise RunError(
+                f"{path} is damaged ({type(exc).__name__}: {exc}); restore it, or start a new search "
+                "with `autotransfer fit DATA --out NEW_RUN`"
+            ) from None
 
 
 def parse_duration(text: str) -> float:
@@ -107,57 +130,226 @@ def parse_duration(text: str) -> float:
 
 
 def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    return f"{SQLITE}{(run_dir / 'study.db').resolve()}"
+
+
+SQLITE = "sqlite:///"
+
+
+def _sqlite_file(url: str) -> tuple[str, str] | None:
+    """(path, '?query' or '') of a SQLite file URL; None for other storages and in-memory SQLite."""
+    if not url.startswith(SQLITE):
+        return None
+    path, mark, query = url[len(SQLITE):].partition("?")
+    return None if path in ("", ":memory:") else (path, mark + query)
+
+
+def _relative_to(url: str, run_dir: Path) -> str:
+    """A SQLite file inside RUN as a path relative to RUN (a relative one outside RUN, as
+    SQLAlchemy reads it, relative to the working folder, made absolute); other URLs as given."""
+    parts = _sqlite_file(url)
+    if parts is None:
+        return url
+    file = Path(parts[0]).resolve()
+    try:
+        return f"{SQLITE}{file.relative_to(Path(run_dir).resolve()).as_posix()}{parts[1]}"
+    except ValueError:
+        return f"{SQLITE}{file}{parts[1]}"
+
+
+def _resolved_in(url: str, run_dir: Path) -> str:
+    """Inverse of _relative_to: a relative SQLite path in search.json is relative to RUN."""
+    parts = _sqlite_file(url)
+    if parts is None or Path(parts[0]).is_absolute():
+        return url
+    return f"{SQLITE}{(Path(run_dir) / parts[0]).resolve()}{parts[1]}"
+
+
+def shown_storage(url: str) -> str:
+    """A storage URL fit for a message: the file of a SQLite study, a server URL without its password."""
+    parts = _sqlite_file(url)
+    if parts is not None:
+        return parts[0]
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: the open itself will say so
+        return url
+
+
+def _rdb_storage(config: SearchConfig) -> optuna.storages.RDBStorage | None:
+    """The storage of `config`; None for ':memory:' (a study in this process: tests,
+    throwaway searches). A trial whose heartbeat goes stale is queued again (`requeue`)."""
+    if config.storage == ":memory:":
+        return None
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental": news to us, not to our users
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                config.storage,
+                heartbeat_interval=config.heartbeat_seconds,
+                grace_period=3 * config.heartbeat_seconds,
+                heartbeat_stale_trial_callback=requeue,
+                engine_kwargs={"connect_args": {"timeout": 60}} if config.storage.startswith("sqlite") else {},
+            )
+    except Exception as exc:
+        raise AutotransferError(f"cannot open study storage '{shown_storage(config.storage)}': {exc}") from exc
+    if config.storage.startswith("sqlite"):
+        _serialise_sqlite(storage.engine)
+    return storage
 
 
 def open_study(config: SearchConfig) -> optuna.Study:
-    """Create or load the study; trials of a killed process are marked failed, not lost.
-
-    Storage ':memory:' keeps the study in this process (tests, throwaway searches).
-    """
-    try:
-        storage = None if config.storage == ":memory:" else optuna.storages.RDBStorage(
-            config.storage,
-            heartbeat_interval=config.heartbeat_seconds,
-            grace_period=3 * config.heartbeat_seconds,
-            engine_kwargs={"connect_args": {"timeout": 60}} if config.storage.startswith("sqlite") else {},
-        )
-    except Exception as exc:
-        raise AutotransferError(f"cannot open study storage '{config.storage}': {exc}") from exc
-    if config.storage.startswith("sqlite"):
-        _serialise_sqlite(storage.engine)
+    """Create or load the study; trials of a killed process are failed and queued again
+    with their own Plan (`requeue_interrupted`), not lost."""
     study = optuna.create_study(
         study_name=config.study_name,
-        storage=storage,
+        storage=_rdb_storage(config),
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=4),
+        sampler=TrialSeededSampler(config.seed, n_startup_trials=4),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1, n_min_trials=PRUNE_MIN_TRIALS),
         load_if_exists=True,
     )
-    if storage is not None:
-        optuna.storages.fail_stale_trials(study)
-        fail_unstarted_trials(study, 3 * config.heartbeat_seconds)
+    requeue_interrupted(study, 3 * config.heartbeat_seconds)
     return study
 
 
-# Set by the objective right after it recorded the trial's first heartbeat.
-STARTED_ATTR = "started"
+def study_trials(config: SearchConfig) -> int | None:
+    """How many trials the storage holds in `config`'s study; None where it holds no such
+    study (a SQLite file that does not exist is not created to find out)."""
+    parts = _sqlite_file(config.storage)
+    if config.storage == ":memory:" or (parts is not None and not Path(parts[0]).is_file()):
+        return None
+    storage = _rdb_storage(config)
+    try:
+        return storage.get_n_trials(storage.get_study_id_from_name(config.study_name))
+    except KeyError:
+        return None
 
 
-def fail_unstarted_trials(study: optuna.Study, grace_seconds: float) -> None:
-    """Fail RUNNING trials whose process died before their objective began.
+def delete_study(config: SearchConfig) -> None:
+    """Remove `config`'s study from its storage (`fit --overwrite` with a server storage)."""
+    optuna.delete_study(study_name=config.study_name, storage=_rdb_storage(config))
 
-    Optuna marks a trial RUNNING (`ask`) before its heartbeat thread writes the first
-    heartbeat, and `fail_stale_trials` skips trials with no heartbeat at all: a kill -9 in
-    that window left a trial RUNNING for ever, so a resumed `--trials N` study ended at N-1.
-    The objective records a heartbeat and then sets STARTED_ATTR, so a RUNNING trial
-    without it, older than the grace period, has no live process behind it.
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed in trial `number`: whichever process runs the trial draws the same."""
+    return seed + number
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose random draws in trial n come from `trial_seed(seed, n)`.
+
+    One TPESampler(seed) per process made two workers draw identical parameters (same seed,
+    same history); seeding by trial number gives every trial its own draws, and one process
+    still makes the same ones for the same data and seed. TPE keeps no other state between
+    trials (it reads the history from the storage), so a fresh one per trial loses nothing.
     """
+
+    def __init__(self, seed: int, **tpe) -> None:
+        self.seed, self._tpe = seed, tpe
+        self._inner = optuna.samplers.TPESampler(seed=seed, **tpe)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._inner = optuna.samplers.TPESampler(seed=trial_seed(self.seed, trial.number), **self._tpe)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+
+# Set by the objective right after it recorded the trial's first heartbeat: which machine
+# and process runs the trial ({"host": ..., "pid": ...}).
+WORKER_ATTR = "worker"
+# What queued a trial (`enqueue_plans`, `fill_queue`); a re-queued trial keeps it.
+QUEUE_ATTRS = ("reasons", "queued")
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed, interrupted trial again as it was: its parameters (a rule's Plan
+    stays that Plan; one killed before its objective began has only the queued ones) and
+    what queued it; `retry_of` names the trial it replaces. Optuna calls this for trials
+    whose heartbeat went stale."""
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    attrs = {key: trial.user_attrs[key] for key in QUEUE_ATTRS if key in trial.user_attrs}
+    study.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number})
+
+
+def requeue_interrupted(study: optuna.Study, grace_seconds: float) -> None:
+    """Fail each RUNNING trial that no live process runs any more and queue it again with
+    its own Plan (`requeue`).
+
+    - It ran on this machine (WORKER_ATTR) and its process is gone (kill -9, a crash): at once.
+    - It ran elsewhere: its heartbeat goes stale, `fail_stale_trials` fails it after the
+      grace period and Optuna calls `requeue`.
+    - It was killed between Optuna's `ask` and its objective's first heartbeat (it has
+      neither): once older than the grace period.
+    Ctrl-C needs none of these: the objective requeues its own trial (`make_objective`).
+    """
+    with warnings.catch_warnings():  # "experimental": news to us, not to our users
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     now = datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        started = trial.datetime_start
-        if STARTED_ATTR not in trial.user_attrs and started and (now - started).total_seconds() > grace_seconds:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        worker, started = trial.user_attrs.get(WORKER_ATTR), trial.datetime_start
+        if worker:
+            orphaned = worker.get("host") == socket.gethostname() and not _alive(worker.get("pid"))
+        else:
+            orphaned = started is not None and (now - started).total_seconds() > grace_seconds
+        if orphaned and _fail(study, trial):
+            requeue(study, trial)
+
+
+def _alive(pid: int | None) -> bool:
+    """Is process `pid` of this machine running? Unknown counts as running."""
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _fail(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Mark a RUNNING trial failed; False where another process finished or failed it first."""
+    try:
+        return study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def progress(study: optuna.Study) -> str:
+    """What a study holds, in a few words: '3 finished, 1 queued (1 after an interruption), 1 running'."""
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    count = Counter(t.state for t in trials)
+    retried = sum(t.state == states.WAITING and "retry_of" in t.user_attrs for t in trials)
+    parts = [f"{count[states.COMPLETE] + count[states.PRUNED]} finished trial(s)",
+             f"{count[states.WAITING]} queued" + (f" ({retried} after an interruption)" if retried else "")]
+    parts += [f"{count[states.RUNNING]} running"] if count[states.RUNNING] else []
+    parts += [f"{count[states.FAIL]} failed"] if count[states.FAIL] else []
+    return ", ".join(parts)
+
+
+def run_progress(run_dir: Path) -> str | None:
+    """What the study of the search in RUN holds (`progress`); None where it has none yet."""
+    if not (Path(run_dir) / SEARCH_FILE).is_file():
+        return None
+    config = SearchConfig.load(run_dir)
+    return None if study_trials(config) is None else progress(open_study(config))
 
 
 def plan_from_params(params: dict, base: Plan) -> Plan:
@@ -244,14 +436,46 @@ class SurplusTrial(Exception):
     """A worker lost the race for the last queued trial; recorded as FAIL, never run."""
 
 
+class TrialInterrupted(BaseException):
+    """Ctrl-C stopped a trial, which was then failed and queued again with its own Plan.
+
+    Not a KeyboardInterrupt: Optuna would record that as a failed trial (and log its
+    traceback), and Lightning would turn it into exit(1).
+    """
+
+
+def is_ctrl_c(exc: BaseException) -> bool:
+    """Ctrl-C however it arrives: a KeyboardInterrupt, Lightning's exit(1) after one, or a
+    TrialInterrupted."""
+    return isinstance(exc, (KeyboardInterrupt, TrialInterrupted)) or (
+        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt))
+
+
 def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) -> Callable:
-    """Objective: validation balanced accuracy of the trial's Plan; reports feed the pruner."""
+    """Objective: validation balanced accuracy of the trial's Plan; reports feed the pruner.
+
+    Each trial records which process runs it (WORKER_ATTR, so that a resume knows at once
+    when that process is gone) and its sampler seed. Ctrl-C fails the trial and queues it
+    again with its own Plan before the interruption goes on, as TrialInterrupted.
+    """
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return measure(trial)
+        except BaseException as exc:
+            if not is_ctrl_c(exc):
+                raise
+            frozen = trial.study._storage.get_trial(trial._trial_id)
+            if _fail(trial.study, frozen):
+                requeue(trial.study, frozen)
+            raise TrialInterrupted(f"trial {trial.number} was stopped and queued again with its Plan") from exc
+
+    def measure(trial: optuna.Trial) -> float:
         storage = trial.study._storage  # Optuna offers no public handle on a trial's storage
         if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval():
-            storage.record_heartbeat(trial._trial_id)  # see fail_unstarted_trials
-        trial.set_user_attr(STARTED_ATTR, True)
+            storage.record_heartbeat(trial._trial_id)  # before WORKER_ATTR: see requeue_interrupted
+        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("sampler_seed", trial_seed(config.seed, trial.number))
         if config.trials is not None and not trial.user_attrs.get("queued"):
             raise SurplusTrial("the study already holds its planned number of trials")
         params = suggest_params(trial, config.backbones)
@@ -298,23 +522,50 @@ def fill_queue(study: optuna.Study, trials: int) -> None:
     """Queue empty trials (the sampler fills them) until the study holds `trials` live ones.
 
     Workers only run queued trials, and popping one is atomic in the storage, so several
-    workers finish exactly `trials` trials. Failed trials (e.g. a killed process) do not
-    count, so resuming refills their places.
+    workers finish exactly `trials` trials. Failed trials do not count: an interrupted one
+    is queued again with its own Plan (`requeue`), and resuming refills the places of
+    others (errors) with sampled ones.
     """
     live = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
     for _ in range(trials - len(live)):
         study.enqueue_trial({}, user_attrs={"queued": True})
 
 
-def run_search(study: optuna.Study, config: SearchConfig, run_dir: Path, run_trial: TrialRunner) -> None:
-    """Run queued trials until none is left (or run until the time budget is spent)."""
+def run_search(
+    study: optuna.Study, config: SearchConfig, run_dir: Path, run_trial: TrialRunner,
+    wait: Callable[[str], None] | None = None,
+) -> None:
+    """Run queued trials until none is left (or run until the time budget is spent).
+
+    With `wait` (a fit about to adopt the best trial), then wait for the trials other
+    workers are still running, saying so once through `wait`: adopting before they end
+    ignored them. A worker that dies meanwhile is noticed (`requeue_interrupted`: at once
+    on this machine, after the heartbeat grace period elsewhere) and its trial runs here.
+    """
     objective = make_objective(config, run_dir, run_trial)
+    deadline = None if config.time_budget is None else time.monotonic() + config.time_budget
     if config.trials is None:
         study.optimize(objective, timeout=config.time_budget, gc_after_trial=True)
-        return
-    deadline = None if config.time_budget is None else time.monotonic() + config.time_budget
-    while _waiting(study) and (deadline is None or time.monotonic() < deadline):
-        study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+
+    def runnable() -> bool:
+        return config.trials is not None and bool(_waiting(study)) and (deadline is None or time.monotonic() < deadline)
+
+    said = False
+    while True:
+        while runnable():
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+        if wait is None:
+            return
+        requeue_interrupted(study, 3 * config.heartbeat_seconds)
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+        if not running and not runnable():
+            return
+        if running and not said:
+            wait(f"waiting for {len(running)} trial(s) that other workers are running ({', '.join(map(str, running))}) "
+                 f"before adopting the best; a worker that stops is noticed within {3 * config.heartbeat_seconds}s")
+            said = True
+        if running:
+            time.sleep(min(1.0, config.heartbeat_seconds))
 
 
 def _waiting(study: optuna.Study) -> int:
@@ -374,11 +625,12 @@ def shared_images(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> s
 
 def finetuning_wins(tuned: optuna.trial.FrozenTrial, frozen: optuna.trial.FrozenTrial) -> bool:
     """Higher balanced accuracy than the frozen trial on the same images (every labelled
-    image where both were cross-validated, else val); a tie keeps the frozen one
-    (cheaper, and its probe saw every image)."""
-    if shared_images(tuned, frozen) == "cv_predictions":
-        return tuned.value > frozen.value
-    return _val_score(tuned) > _val_score(frozen)
+    image where both were cross-validated, else val), by more than
+    FINETUNE_LEAD_STANDARD_ERRORS paired standard errors; a smaller lead keeps the frozen
+    one (cheaper, and its probe saw every image)."""
+    on = shared_images(tuned, frozen)
+    lead = tuned.value - frozen.value if on == "cv_predictions" else _val_score(tuned) - _val_score(frozen)
+    return lead > 0 and lead > FINETUNE_LEAD_STANDARD_ERRORS * gap_standard_error(tuned, frozen, on)
 
 
 def _val_score(trial: optuna.trial.FrozenTrial) -> float:
@@ -438,7 +690,8 @@ def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
     other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)])
     if other is not None:
         tuned, frozen = (other, best) if is_frozen(best) else (best, other)
-        verdict = "beat" if best is tuned else "did not beat"
+        verdict = ("beat" if best.number == tuned.number
+                   else f"did not beat (by more than {FINETUNE_LEAD_STANDARD_ERRORS:g} paired standard error)")
         on = shared_images(tuned, frozen)
         scores = (tuned.value, frozen.value) if on == "cv_predictions" else (_val_score(tuned), _val_score(frozen))
         where = "every labelled image (cross-validated)" if on == "cv_predictions" else "the same val images"

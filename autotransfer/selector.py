@@ -6,7 +6,9 @@ scan -> Profile -> [Plan...] (rules, with reasons) -> trials (search) -> best tr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 
 from autotransfer.backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
 from autotransfer.data import DatasetScan, scan_folder
+from autotransfer.errors import BackboneError, RunError
 from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
 from autotransfer.predict import evaluate_records
@@ -24,10 +27,14 @@ from autotransfer.rules import THRESHOLDS, rank_plans, rank_plans_across_backbon
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
+    delete_study,
     enqueue_plans,
     fill_queue,
     open_study,
+    progress,
     run_search,
+    shown_storage,
+    study_trials,
 )
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.train import CV_FINETUNE_MAX_IMAGES, cross_validate, fit, refit
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 # Each candidate costs a profile (one pass over at most --max-images images) before the
 # search starts: measured on 2 CPU cores, 35-120 s at 400 images of 224-260 px.
 MAX_DEFAULT_BACKBONES = 3
+BACKBONES_ENV = "AUTOTRANSFER_BACKBONES"  # a,b,c: the default candidates, replacing the rule
 # The installed backbones beyond the default are profiled only on at least this many
 # labelled images: one standard error of a k-NN accuracy near 0.8 is 0.02 on 400 images,
 # the margin a costlier backbone must win by (rules.Thresholds.backbone_knn_margin), so on
@@ -96,9 +104,22 @@ def search_config(
 
 def select_and_fit(
     config: SearchConfig, run_dir: Path, rule_plans: list[Plan],
-    scan: DatasetScan | None = None, log: Callable[[str], None] = print,
+    scan: DatasetScan | None = None, log: Callable[[str], None] = print, overwrite: bool = False,
 ) -> Plan:
-    """Search (rule Plans first), then put the best trial's model and plan into RUN."""
+    """Search (rule Plans first), then put the best trial's model and plan into RUN.
+
+    A study already in the storage is another search's: mixing its trials into this one
+    adopted models of other data, so it is refused, or deleted first with `overwrite`.
+    """
+    held = study_trials(config)
+    if held is not None and not overwrite:
+        raise RunError(
+            f"the storage {shown_storage(config.storage)} already holds a study '{config.study_name}' with {held} "
+            "trial(s) of an earlier search; continue that one with `autotransfer fit DATA --resume --out ITS_RUN`, "
+            "or add --overwrite to delete it and start again"
+        )
+    if held is not None:
+        delete_study(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.trials is None and config.time_budget is None:  # the default: a count, not a clock
         rule_plans = default_plans(rule_plans)
@@ -108,8 +129,9 @@ def select_and_fit(
     elif config.trials is not None:  # the rules' best N, whatever they cost
         rule_plans = rule_plans[: config.trials]
     rule_plans = cheap_first(rule_plans)
-    config.save(run_dir)
     scan = scan or scan_folder(config.data, config.base.val_fraction, config.base.seed)
+    config = replace(config, data_hash=data_hash(scan))
+    config.save(run_dir)
     start = time.monotonic()
     warm_frozen_features(scan, [plan for plan in rule_plans if plan.backbone == rule_plans[0].backbone])
     study = open_study(config)
@@ -118,8 +140,26 @@ def select_and_fit(
         fill_queue(study, config.trials)
     if config.time_budget is not None:  # the shared feature pass is part of the search
         config = replace(config, time_budget=max(1.0, config.time_budget - (time.monotonic() - start)))
-    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
+    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget), wait=log)
     return _adopt_and_test(study, run_dir, scan, log)
+
+
+def data_hash(scan: DatasetScan) -> str:
+    """What a search runs on: the class names and every split's files and labels."""
+    blob = json.dumps([scan.classes, {split: scan.content_hash(split) for split in sorted(scan.splits)}])
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _same_data(config: SearchConfig, scan: DatasetScan, run_dir: Path) -> None:
+    """A RUN belongs to one dataset: resuming or joining its search on other data would
+    compare and adopt trials of two datasets."""
+    found = data_hash(scan) if config.data_hash else str(Path(scan.root).resolve())
+    expected = config.data_hash or str(Path(config.data).resolve())  # runs from before data_hash: the path
+    if found != expected:
+        raise RunError(
+            f"{scan.root} is not the data the search in {run_dir} ran on ({config.data}; its classes, files or "
+            f"labels differ); resume with that data, or start a new run: `autotransfer fit {scan.root} --out NEW_RUN`"
+        )
 
 
 def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan, log: Callable[[str], None]) -> Plan:
@@ -172,18 +212,29 @@ def warm_frozen_features(scan: DatasetScan, plans: list[Plan]) -> None:
         cache_feature_levels(get_backbone(backbone), plan, scan, levels, progress=False, all_levels=key in all_levels)
 
 
-def continue_search(run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print) -> Plan | None:
+def continue_search(
+    run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print, data: str | Path | None = None,
+) -> Plan | None:
     """Run more trials of RUN's study with the settings it was started with.
 
-    `fit --resume RUN` adopts the best trial afterwards; `worker RUN` (possibly on another
-    machine, sharing the study through a server storage) only adds trials.
+    `fit --resume RUN` adopts the best trial afterwards (after other workers' trials end);
+    `worker RUN` (possibly on another machine, sharing the study through a server storage)
+    only adds trials. `data` (default: the path the search recorded) must hold the data
+    the search ran on. Trials that a kill or Ctrl-C interrupted run again, with their Plan.
     """
     config = SearchConfig.load(run_dir)
+    if study_trials(config) is None:  # a missing study is not created: that lost the old one's place
+        raise RunError(
+            f"the study of {run_dir} is not in its storage {shown_storage(config.storage)}; restore it, or "
+            f"start again with `autotransfer fit DATA --out {run_dir} --overwrite`"
+        )
+    scan = scan_folder(data or config.data, config.base.val_fraction, config.base.seed)
+    _same_data(config, scan, run_dir)
     study = open_study(config)
     if adopt and config.trials is not None:
-        fill_queue(study, config.trials)  # refill the places of trials a kill failed
-    scan = scan_folder(config.data, config.base.val_fraction, config.base.seed)
-    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget))
+        fill_queue(study, config.trials)  # refill the places of trials that failed
+    log(f"{'resuming' if adopt else 'joining'} the search in {run_dir}: {progress(study)}")
+    run_search(study, config, run_dir, trial_runner(scan, log, config.time_budget), wait=log if adopt else None)
     return _adopt_and_test(study, run_dir, scan, log) if adopt else None
 
 
@@ -196,7 +247,10 @@ def profile_and_rank(
     at least MIN_IMAGES_TO_RANK_BACKBONES images, each of `optional_backbones` (the other
     installed ones); then let the rules rank backbones and Plans. The leading backbone's
     profile comes first. Nothing here depends on how fast the machine is: backbones are
-    costed in FLOPs, not seconds."""
+    costed in FLOPs, not seconds.
+
+    Of several backbones, one whose weights cannot be loaded is dropped with a logged
+    reason; a name no plugin offers (or one whose spec failed) stops before any profile."""
     optional = list(optional_backbones or [])
     n_images = len(scan.splits["train"]) + len(scan.splits.get("val", []))
     if optional and n_images < MIN_IMAGES_TO_RANK_BACKBONES:
@@ -204,13 +258,23 @@ def profile_and_rank(
             f"{MIN_IMAGES_TO_RANK_BACKBONES} cannot resolve the {THRESHOLDS.backbone_knn_margin:g} margin that ranks "
             "backbones); name them with --backbone to compare them anyway")
         optional = []
-    profiles = [
-        profile_dataset(
-            scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
-            val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
-        )
-        for name in dict.fromkeys([*(backbones or [base.backbone]), *optional])
-    ]
+    names = list(dict.fromkeys([*(backbones or [base.backbone]), *optional]))
+    for name in names:
+        get_backbone(name)
+    profiles, dropped = [], []
+    for name in names:
+        try:
+            profiles.append(profile_dataset(
+                scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
+                val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
+            ))
+        except BackboneError as exc:
+            if len(names) == 1:
+                raise
+            dropped.append(exc)
+            log(f"dropped backbone {name}: {exc}")
+    if not profiles:
+        raise dropped[0]
     costs = {} if len(profiles) == 1 else {p.backbone: forward_flops(rank_plans(p, base)[0]) for p in profiles}
     plans = rank_plans_across_backbones(profiles, costs, base)
     profiles.sort(key=lambda p: p.backbone != plans[0].backbone)
@@ -219,15 +283,30 @@ def profile_and_rank(
 
 def default_backbones(weights: str) -> list[str]:
     """What `fit` chooses among when no --backbone is given: DEFAULT_BACKBONE, then the
-    other installed backbones (`autotransfer backbones`), at most MAX_DEFAULT_BACKBONES
-    in all; `profile_and_rank` takes the others as optional.
+    installed backbones whose spec says `default_candidate` (those of DEFAULT_BACKBONE's
+    own plugin first, then by name), at most MAX_DEFAULT_BACKBONES in all;
+    `profile_and_rank` takes the others as optional. Installing a plugin never pushes
+    efficientnet_lite1/2 out; any other backbone is used when named with --backbone.
 
-    Only pretrained weights come in sets; 'random' or a weights file means one backbone.
+    AUTOTRANSFER_BACKBONES=a,b,c replaces this rule with that list, in that order (a
+    unknown name is a BackboneError naming the variable). Only pretrained weights come in
+    sets; 'random' or a weights file means one backbone: the list's first.
     """
+    chosen = [name.strip() for name in os.environ.get(BACKBONES_ENV, "").split(",") if name.strip()]
+    for name in chosen:
+        try:
+            get_backbone(name)
+        except BackboneError as exc:
+            raise BackboneError(f"{BACKBONES_ENV}={os.environ[BACKBONES_ENV]}: {exc}") from exc
+    if chosen:
+        return list(dict.fromkeys(chosen))[: None if weights == "pretrained" else 1]
     if weights != "pretrained":
         return [DEFAULT_BACKBONE]
-    installed = [spec.name for spec in list_backbones() if spec.name != DEFAULT_BACKBONE]
-    return [DEFAULT_BACKBONE, *installed][:MAX_DEFAULT_BACKBONES]
+    specs = list_backbones()
+    home = next((spec.package for spec in specs if spec.name == DEFAULT_BACKBONE), None)
+    others = sorted((spec for spec in specs if spec.default_candidate and spec.name != DEFAULT_BACKBONE),
+                    key=lambda spec: (spec.package != home, spec.name))
+    return [DEFAULT_BACKBONE, *(spec.name for spec in others)][:MAX_DEFAULT_BACKBONES]
 
 
 # Without --trials or --time-budget the search runs every frozen Plan the rules ranked

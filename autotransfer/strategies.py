@@ -15,7 +15,7 @@ import torch
 from timm.models import group_modules, group_parameters
 from torch import nn
 
-from autotransfer.backbones import BackboneSpec, create_model, get_backbone
+from autotransfer.backbones import BackboneSpec, classifier_names, create_model, get_backbone
 from autotransfer.errors import PlanError
 from autotransfer.plan import Plan
 
@@ -176,9 +176,8 @@ class Group:
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or "classifier"
-    names = names if isinstance(names, (list, tuple)) else [names]
-    return tuple(f"{name}." for name in names) + tuple(names)
+    names = classifier_names(model)
+    return tuple(f"{name}." for name in names) + names
 
 
 def coarse_groups(model: nn.Module) -> list[Group]:

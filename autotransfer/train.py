@@ -251,7 +251,7 @@ def fit(
     net.to(device)
 
     def save() -> None:
-        save_model(out / MODEL_FILE, net, spec.architecture, plan.feature_level, classes, prep)
+        save_model(out / MODEL_FILE, net, spec, plan.feature_level, classes, prep)
 
     def save_interrupted(stage: str, accuracy: float | None, balanced: float | None) -> None:
         """Ctrl-C: keep the best weights so far and say what they are, so nothing is lost."""
@@ -463,7 +463,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
         loader = finetune_loader(images, prep, plan)
         _trainer(out, "refit", epochs, [], progress).fit(task, loader)
     net.eval()
-    save_model(out / MODEL_FILE, net, spec.architecture, plan.feature_level, scan.classes, prep)
+    save_model(out / MODEL_FILE, net, spec, plan.feature_level, scan.classes, prep)
     return len(images)
 
 

@@ -82,6 +82,96 @@ BROKEN_PLUGIN = """
     raise ImportError("needs the missing_wheel package")
 """
 
+# A plugin as an outside user writes it: an architecture timm does not have (a tiny
+# LeakyReLU ResNet) that only this module registers, weights from a DataParallel training
+# checkpoint (the plugin strips `module.`; no BatchNorm counters), the same network as a
+# create() factory, and a name longer than the listing's old column.
+LEAKY_PLUGIN = """
+    import torch
+    from timm.models import build_model_with_cfg, register_model
+    from timm.models.resnet import BasicBlock, ResNet
+    from torch import nn
+
+    from autotransfer.backbones import BackboneSpec
+
+    ARGS = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 24), stem_width=8, act_layer=nn.LeakyReLU)
+
+    @register_model
+    def leaky_tinynet(pretrained=False, **kwargs):
+        return build_model_with_cfg(ResNet, "leaky_tinynet", pretrained, **ARGS, **kwargs)
+
+    def checkpoint():
+        torch.manual_seed(7)
+        state = ResNet(**ARGS, num_classes=10).state_dict()
+        return {f"module.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    def weights():
+        return {k.removeprefix("module."): v for k, v in checkpoint().items()}
+
+    def spec(name, architecture, **kwargs):
+        return BackboneSpec(name, architecture, "tiny-leaky-set", 32, (0.5,) * 3, (0.25,) * 3, weights=weights, **kwargs)
+
+    def backbones():
+        return [
+            spec("leaky_tinynet", "leaky_tinynet"),
+            spec("leaky_factory", "leaky-resnet-8-16-16-24", create=lambda num_classes: ResNet(**ARGS, num_classes=num_classes)),
+            spec("leaky_tinynet_with_a_long_name", "leaky_tinynet"),
+        ]
+"""
+
+# Specs that break the contract: an architecture name timm does not know, weights that are
+# a path instead of a function. Their names sort before efficientnet_lite1.
+BAD_SPECS_PLUGIN = """
+    from autotransfer.backbones import BackboneSpec
+
+    def backbones():
+        return [
+            BackboneSpec("a_misspelt_net", "leaky_tinynett", "x", 32, (0.5,) * 3, (0.5,) * 3, default_candidate=True),
+            BackboneSpec("a_weights_path_net", "test_resnet", "x", 32, (0.5,) * 3, (0.5,) * 3, weights="/models/w.pth"),
+        ]
+"""
+
+# A valid spec whose weights cannot be had: only using it can tell.
+BAD_WEIGHTS_PLUGIN = """
+    from autotransfer.backbones import BackboneSpec
+
+    def weights():
+        raise FileNotFoundError("/models/gone.pth")
+
+    def backbones():
+        return [BackboneSpec("a_gone_weights_net", "test_resnet", "x", 32, (0.5,) * 3, (0.5,) * 3, weights=weights,
+                             default_candidate=True)]
+"""
+
+
+def write_plugins(root: Path) -> Path:
+    """The leaky plugin and one plugin per way of breaking (import, specs, weights)."""
+    write_plugin(root, "autotransfer-leaky", "leaky_plugin", "leaky", LEAKY_PLUGIN)
+    write_plugin(root, "autotransfer-broken-plugin", "broken_plugin", "broken", BROKEN_PLUGIN)
+    write_plugin(root, "autotransfer-bad-specs", "bad_specs_plugin", "bad_specs", BAD_SPECS_PLUGIN)
+    write_plugin(root, "autotransfer-bad-weights", "bad_weights_plugin", "bad_weights", BAD_WEIGHTS_PLUGIN)
+    return root
+
+
+@pytest.fixture
+def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`write_plugins` installed for this process (on sys.path, autoload on) and for child
+    processes (`plugin_env`)."""
+    site = write_plugins(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD")
+    return site
+
+
+def plugin_env(site: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh process that finds the plugins in `site`, as pip would
+    install them; offline, autoload on unless `extra` says otherwise."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+
 
 def write_plugin(root: Path, dist: str, module: str, entry: str, source: str) -> Path:
     """A minimal installed distribution under `root`: dist-info with one entry point + module.

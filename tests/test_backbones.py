@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import importlib
+import re
+from dataclasses import replace
+
 import huggingface_hub.constants
 import pytest
 import timm
 import torch
 
+from autotransfer import backbones as registry
 from autotransfer.backbones import (
     BackboneSpec,
     create_model,
@@ -13,7 +18,12 @@ from autotransfer.backbones import (
     load_plugins,
 )
 from autotransfer.errors import BackboneError
+from autotransfer.plan import Plan
+from autotransfer.strategies import build_net
 from conftest import BROKEN_PLUGIN, GOOD_PLUGIN, write_plugin
+
+# each test imports the plugin modules afresh; timm's registry keeps the first one's model
+pytestmark = pytest.mark.filterwarnings("ignore:Overwriting leaky_tinynet")
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
@@ -34,7 +44,6 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- plugin discovery
 
 
-@pytest.mark.filterwarnings("ignore:autotransfer. skipping backbone plugin")
 def test_entry_point_plugin_is_listed_with_its_package(plugins):
     specs = {spec.name: spec for spec in list_backbones()}
     assert specs["test_resnet"].package == "autotransfer-tiny-plugin"
@@ -45,7 +54,6 @@ def test_entry_point_plugin_is_listed_with_its_package(plugins):
     assert loaded[0].package == "autotransfer"  # the built-in timm plugin comes first
 
 
-@pytest.mark.filterwarnings("ignore:autotransfer. skipping backbone plugin")
 def test_plugin_spec_wins_over_timm_and_its_weights_are_used(plugins):
     spec = get_backbone("test_resnet")
     assert spec.package == "autotransfer-tiny-plugin"
@@ -59,13 +67,11 @@ def test_plugin_spec_wins_over_timm_and_its_weights_are_used(plugins):
         assert torch.equal(tensor, expected[key]), key
 
 
-def test_broken_plugin_is_skipped_with_a_warning_naming_it(plugins):
-    with pytest.warns(UserWarning, match=r"autotransfer-broken-plugin\[broken\]: ImportError: needs the missing_wheel"):
-        names = {spec.name: spec.package for spec in list_backbones()}
+def test_broken_plugin_is_skipped_and_kept_as_a_failure_naming_it(plugins):
+    names = {spec.name: spec.package for spec in list_backbones()}
     assert names["test_resnet"] == "autotransfer-tiny-plugin"  # the good one still loads
 
-    with pytest.warns(UserWarning):
-        loaded, failures = load_plugins()
+    loaded, failures = load_plugins()
     assert [(f.package, f.entry) for f in failures] == [("autotransfer-broken-plugin", "broken")]
     assert failures[0].error == "ImportError: needs the missing_wheel package"
     assert "broken_plugin" not in {p.entry for p in loaded}
@@ -75,9 +81,56 @@ def test_plugin_without_backbones_function_is_a_failure(tmp_path, monkeypatch):
     write_plugin(tmp_path / "site", "autotransfer-empty-plugin", "empty_plugin", "empty", "X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD")
-    with pytest.warns(UserWarning, match=r"autotransfer-empty-plugin\[empty\]: TypeError"):
-        _, failures = load_plugins()
-    assert [f.entry for f in failures] == ["empty"]
+    _, failures = load_plugins()
+    assert [(f.entry, f.error.split(":")[0]) for f in failures] == [("empty", "TypeError")]
+
+
+# ---------------------------------------------------------------- the plugin contract (issue 17)
+
+
+def test_every_broken_plugin_and_spec_is_one_failure_with_its_reason_and_never_a_backbone(plugin_site, recwarn):
+    found = registry.discover()
+    failures = {(f.package, f.entry, f.backbone): f.error for f in found.failures}
+    assert len(found.failures) == len(failures) == 3, found.failures
+    assert failures[("autotransfer-broken-plugin", "broken", "")] == "ImportError: needs the missing_wheel package"
+    assert failures[("autotransfer-bad-specs", "bad_specs", "a_misspelt_net")].startswith(
+        "architecture 'leaky_tinynett' is not a timm model (did you mean leaky_tinynet?) and the spec has no create()")
+    assert failures[("autotransfer-bad-specs", "bad_specs", "a_weights_path_net")] == (
+        "weights is a str, not a function returning a state dict")
+    names = {spec.name for spec in list_backbones()}
+    assert {"leaky_tinynet", "leaky_factory", "a_gone_weights_net"} <= names  # weights are not loaded to list
+    assert not names & {"a_misspelt_net", "a_weights_path_net"}
+    assert not [w for w in recwarn if "plugin" in str(w.message)]  # the CLI reports them, once
+
+
+def test_a_failed_spec_or_plugin_says_why_when_its_name_is_asked_for(plugin_site):
+    with pytest.raises(BackboneError, match=r"^backbone 'a_misspelt_net' of plugin autotransfer-bad-specs\[bad_specs\] "
+                                            r"is unusable: architecture 'leaky_tinynett' is not a timm model"):
+        get_backbone("a_misspelt_net")
+    with pytest.raises(BackboneError, match=r"^unknown backbone 'missing_wheel_net'.*; plugin autotransfer-broken-plugin"
+                                            r"\[broken\]: ImportError: needs the missing_wheel package \(it might offer it\)$"):
+        get_backbone("missing_wheel_net")
+
+
+@pytest.mark.parametrize("name", ["leaky_tinynet", "leaky_factory"], ids=["registered", "create"])
+def test_an_architecture_only_the_plugin_has_gets_the_plugin_weights(plugin_site, name):
+    spec = get_backbone(name)
+    assert (spec.package, spec.entry, spec.module) == ("autotransfer-leaky", "leaky", "leaky_plugin")
+    model = create_model(spec, "pretrained", num_classes=3)
+
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
+    expected = importlib.import_module("leaky_plugin").weights()  # no num_batches_tracked, a 10-way fc
+    for key, tensor in model.state_dict().items():
+        if key.startswith("fc."):
+            assert tensor.shape[0] == 3, key
+        elif not key.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, expected[key]), key
+    net = build_net(spec, Plan(name, strategy="frozen", weights="random"), 3)  # no classifier in its cfg
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["model.fc.weight", "model.fc.bias"]
+    if spec.create is not None:
+        with pytest.raises(BackboneError, match=r"ships no pretrained weights for 'leaky_factory'; pass --weights random"):
+            create_model(replace(spec, weights=None), "pretrained")
+
 
 
 @pytest.mark.parametrize("value", ["1", "yes"])
@@ -113,6 +166,31 @@ def test_unknown_backbone_without_close_name_points_to_the_listing():
 
 
 # ---------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weights_without_batchnorm_counters_load_in_any_float_dtype(tmp_path, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in _state(42).items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "no-counters.pth")
+    model = create_model(get_backbone("test_resnet"), str(tmp_path / "no-counters.pth"), num_classes=0)
+    for key, tensor in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, state[key].float()), key
+
+
+def test_weights_that_do_not_fit_name_the_first_real_mismatch(tmp_path):
+    state = _state(42)
+    first, second = list(timm.create_model("test_resnet", num_classes=0).state_dict())[:2]
+    spec = get_backbone("test_resnet")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "data-parallel.pth")
+    with pytest.raises(BackboneError, match=rf"first: {re.escape(first)} is missing \(the first key the model lacks: "
+                                            rf"module\.{re.escape(first)}\); expected the model's own key names"):
+        create_model(spec, str(tmp_path / "data-parallel.pth"))
+    torch.save({**state, second: torch.zeros(2)}, tmp_path / "reshaped.pth")
+    with pytest.raises(BackboneError, match=rf"1 tensors missing or of another shape; first: {re.escape(second)} "
+                                            rf"has shape \(2,\), the model's is \({state[second].shape[0]},\)"):
+        create_model(spec, str(tmp_path / "reshaped.pth"))
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["state-dict", "wrapped-in-state_dict"])

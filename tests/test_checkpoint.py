@@ -12,9 +12,11 @@ from timm.data import create_transform
 
 from autotransfer.checkpoint import FORMAT, load_model, read_checkpoint
 from autotransfer.data import load_rgb, scan_folder
-from autotransfer.errors import RunError
+from autotransfer.errors import BackboneError, RunError
+from autotransfer.plan import Plan
 from autotransfer.predict import evaluate_records
-from conftest import CLASSES
+from autotransfer.train import fit
+from conftest import CLASSES, FAST, plugin_env
 
 RUNS = ["frozen_run", "truncated_run"]
 
@@ -129,3 +131,64 @@ def test_all_levels_model_file_predicts_what_the_run_measured(all_levels_run, sp
     report = evaluate_records(all_levels_run, scan_folder(split_folder).splits["val"], classes)
     assert report["confusion_matrix"] == metrics["val"]["confusion_matrix"]
     assert report["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- a plugin's architecture (issue 17)
+
+
+@pytest.fixture(params=["leaky_tinynet", "leaky_factory"], ids=["registered", "create"])
+def plugin_run(request, plugin_site, split_folder, tmp_path):
+    """A frozen run of an architecture only the plugin knows, with the plugin's weights."""
+    out = tmp_path / "run"
+    plan = Plan(**{**FAST, "backbone": request.param, "weights": "pretrained"})
+    fit(scan_folder(split_folder), plan, out, progress=False, log=lambda _: None)
+    return out
+
+
+def _fresh_logits(site, tmp_path, script: str, **env) -> torch.Tensor:
+    """Logits on a seeded batch from `script` (which defines `model`), run in a new process."""
+    code = textwrap.dedent(script) + textwrap.dedent(f"""
+        torch.manual_seed(0)
+        with torch.no_grad():
+            torch.save(model.eval()(torch.randn(2, 3, 32, 32)), {str(tmp_path / "logits.pt")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=plugin_env(site, **env), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return torch.load(tmp_path / "logits.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Overwriting leaky_tinynet")
+def test_a_plugin_model_loads_in_a_fresh_process_through_its_plugin_or_names_it(plugin_run, plugin_site, tmp_path, monkeypatch):
+    payload = read_checkpoint(plugin_run)
+    assert payload["plugin"] == {"distribution": "autotransfer-leaky", "entry_point": "leaky", "module": "leaky_plugin"}
+    model, _, _ = load_model(plugin_run)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model(torch.randn(2, 3, 32, 32))
+
+    # the plugin named in model.pt is imported even with autoload off
+    fresh = _fresh_logits(plugin_site, tmp_path, f"""
+        import torch
+        from autotransfer.checkpoint import load_model
+        model, classes, prep = load_model({str(plugin_run)!r})
+    """, AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD="1")
+    torch.testing.assert_close(fresh, expected, rtol=0, atol=0)
+    if payload["backbone"] == "leaky_tinynet":
+        readme = _fresh_logits(plugin_site, tmp_path, f"""
+            import importlib, timm, torch
+            ck = torch.load({str(plugin_run / "model.pt")!r}, weights_only=True)
+            if ck["plugin"]["distribution"] != "autotransfer":  # a plugin's architecture: import it first
+                importlib.import_module(ck["plugin"]["module"])
+            model = timm.create_model(ck["architecture"], num_classes=0)
+            pool = getattr(getattr(model, "global_pool", None), "pool_type", None)
+            model.reset_classifier(len(ck["classes"]), *([pool] if pool else []))
+            model.load_state_dict(ck["state_dict"])
+        """)
+        torch.testing.assert_close(readme, expected, rtol=0, atol=0)
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(plugin_site)])  # uninstalled
+    with pytest.raises(BackboneError, match=r"model\.pt: backbone 'leaky_\w+' comes from the plugin "
+                                            r"autotransfer-leaky\[leaky\], which is not installed; install it "
+                                            r"\(pip install autotransfer-leaky\)"):
+        load_model(plugin_run)

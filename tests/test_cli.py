@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from autotransfer import __version__
+from autotransfer.checkpoint import FORMAT
 from autotransfer.cli import main
 from conftest import (
-    BROKEN_PLUGIN, CLASSES, COLOURS, FAST_CLI, GOOD_PLUGIN, photo, write_classes, write_plugin,
+    BROKEN_PLUGIN, CLASSES, COLOURS, FAST_CLI, GOOD_PLUGIN, photo, plugin_env, write_classes, write_plugin,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode"),
+    pytest.mark.filterwarnings("ignore:Overwriting leaky_tinynet"),  # each test imports the test plugins afresh
+]
 
 
 def run(*args: str | Path):
@@ -65,6 +71,23 @@ def test_fit_writes_a_run(image_folder, tmp_path, backbone, strategy_args):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] >= 5 / 6
     assert ("finetune_val_accuracy" in metrics["stages"]) is finetuned
+
+
+def test_fit_warns_about_leaks_conflicts_and_what_is_not_data(split_folder, tmp_path):
+    """`fit` with a given strategy reads no profile, yet says what `profile` would."""
+    data = shutil.copytree(split_folder, tmp_path / "data")
+    shutil.copy(data / "train" / "red" / "00.jpg", data / "val" / "red" / "copy.jpg")  # leakage
+    shutil.copy(data / "train" / "red" / "01.jpg", data / "train" / "blue" / "red-01.jpg")  # two labels
+    elsewhere = write_classes(tmp_path / "elsewhere", per_class=2, classes={"grey": (128, 128, 128)})
+    (data / "train" / "grey").symlink_to(elsewhere / "grey")
+    result = ok("fit", data, "--strategy", "frozen", "--backbone", "test_efficientnet", *FAST_CLI, "--out", tmp_path / "run")
+
+    assert f"{data}: 3 classes" in result.stdout
+    assert f"{data / 'train' / 'grey'}: symlink to {elsewhere / 'grey'}, outside DATA" in result.stderr
+    assert "warning: 2 files are identical across splits (leakage)" in result.stderr
+    assert f"{data / 'train' / 'red' / '00.jpg'} [train] = {data / 'val' / 'red' / 'copy.jpg'} [val]" in result.stderr
+    assert "warning: identical files carry different labels (1 group(s))" in result.stderr
+    assert "red-01.jpg [train]" in result.stderr
 
 
 def test_fit_partial_then_fit_plan_reproduces_it(image_folder, tmp_path):
@@ -127,8 +150,7 @@ def test_backbones_json_lists_plugins_and_failures(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD")
 
-    with pytest.warns(UserWarning, match=r"autotransfer-broken-plugin\[broken\]"):
-        listing = json.loads(ok("backbones", "--json").stdout)
+    listing = json.loads(ok("backbones", "--json").stdout)
     rows = {row["name"]: row for row in listing["backbones"]}
     tiny = rows["test_resnet"]
     assert (tiny["package"], tiny["architecture"], tiny["pretrained_on"]) == (
@@ -138,13 +160,104 @@ def test_backbones_json_lists_plugins_and_failures(tmp_path, monkeypatch):
     assert 0.3 < tiny["params_m"] < 0.4
     assert listing["failed_plugins"] == [{
         "package": "autotransfer-broken-plugin", "entry": "broken",
-        "error": "ImportError: needs the missing_wheel package",
+        "error": "ImportError: needs the missing_wheel package", "backbone": "",
     }]
 
-    with pytest.warns(UserWarning):
-        text = ok("backbones")
+    text = ok("backbones")
     assert any(line.split()[:2] == ["test_resnet", "autotransfer-tiny-plugin"] for line in text.stdout.splitlines())
     assert "failed plugin autotransfer-broken-plugin[broken]: ImportError" in text.stderr
+
+
+# ---------------------------------------------------------------- third-party backbones (issue 17)
+
+PLUGIN_FAILURES = [
+    "failed plugin autotransfer-broken-plugin[broken]: ImportError: needs the missing_wheel package",
+    "failed backbone a_misspelt_net of autotransfer-bad-specs[bad_specs]: architecture 'leaky_tinynett' is not a timm model",
+    "failed backbone a_weights_path_net of autotransfer-bad-specs[bad_specs]: weights is a str, not a function",
+]
+
+
+def _reports_each_failure_once(stderr: str) -> None:
+    failed = [line for line in stderr.splitlines() if line.startswith("failed ")]
+    assert len(failed) == len(PLUGIN_FAILURES), stderr
+    for expected in PLUGIN_FAILURES:
+        assert sum(line.startswith(expected) for line in failed) == 1, (expected, stderr)
+
+
+def _python_m(site: Path, *args, **env) -> subprocess.CompletedProcess:
+    """`python -m autotransfer ARGS` in a fresh process that has the plugins installed."""
+    done = subprocess.run([sys.executable, "-m", "autotransfer", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=plugin_env(site, **env), cwd=site.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_a_plugin_architecture_works_in_every_command_each_in_a_fresh_process(plugin_site, split_folder, tmp_path):
+    """The plugin registers its architecture with timm when imported; each command runs in
+    a process where nothing else imported it."""
+    fast = ["--image-size", "32", "--no-progress"]
+    _python_m(plugin_site, "profile", split_folder, "--backbone", "leaky_tinynet", "--max-images", "12",
+              *fast, "--out", tmp_path / "profile.json")
+    assert json.loads((tmp_path / "profile.json").read_text())["architecture"] == "leaky_tinynet"
+
+    run_dir = tmp_path / "run"
+    _python_m(plugin_site, "fit", split_folder, "--strategy", "frozen", "--backbone", "leaky_tinynet", *fast,
+              "--batch-size", "8", "--out", run_dir)
+    assert torch.load(run_dir / "model.pt", weights_only=True)["plugin"]["distribution"] == "autotransfer-leaky"
+
+    image = next((split_folder / "test" / "red").glob("*.jpg"))
+    predicted = json.loads(_python_m(plugin_site, "predict", run_dir, image, "--json").stdout)
+    assert predicted[0]["image"] == str(image) and len(predicted[0]["top_k"]) == 3
+    # model.pt names its plugin, which loads even with autoload off
+    report = json.loads(_python_m(plugin_site, "evaluate", run_dir, split_folder, "--json",
+                                  AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD="1").stdout)
+    assert (report["split"], report["n"]) == ("test", 6)
+    _python_m(plugin_site, "report", run_dir, "--no-progress")
+    assert json.loads((run_dir / "report" / "report.json").read_text())
+
+
+def test_broken_plugins_are_listed_once_with_their_reason_and_break_neither_listing_nor_fit(
+    plugin_site, image_folder, tmp_path
+):
+    text = ok("backbones")
+    _reports_each_failure_once(text.stderr)
+    header, *rows = text.stdout.splitlines()[:-1]
+    names = [row.split()[0] for row in rows]
+    assert "leaky_tinynet_with_a_long_name" in names and "a_gone_weights_net" in names
+    assert not {"a_misspelt_net", "a_weights_path_net"} & set(names)
+    for row in rows:  # columns stay aligned with a name of 30 characters
+        assert len(row) == len(header), (header, row)
+        assert row[header.index("package") - 1] == " " and row[header.index("package"):].startswith("autotransfer")
+    listing = json.loads(ok("backbones", "--json").stdout)
+    assert len(listing["failed_plugins"]) == len(PLUGIN_FAILURES)
+
+    # the default candidates: efficientnet-lite's, never a plugin that sorts before them
+    result = ok("fit", image_folder, "--trials", "1", "--max-images", "24", "--image-size", "32", "--epochs", "1",
+                "--batch-size", "8", "--no-progress", "--out", tmp_path / "auto")
+    _reports_each_failure_once(result.stderr)
+    assert "profiling backbones: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2" in result.stdout
+
+    for name, why in [
+        ("a_misspelt_net", "is unusable: architecture 'leaky_tinynett' is not a timm model (did you mean leaky_tinynet?)"),
+        ("a_weights_path_net", "is unusable: weights is a str, not a function returning a state dict"),
+        ("missing_wheel_net", "plugin autotransfer-broken-plugin[broken]: ImportError: needs the missing_wheel package"),
+        ("a_gone_weights_net", "could not load the weights of 'a_gone_weights_net' (FileNotFoundError: /models/gone.pth)"),
+    ]:
+        result = run("fit", image_folder, "--strategy", "frozen", "--backbone", name, "--image-size", "32",
+                     "--no-progress", "--out", tmp_path / name)  # pretrained weights
+        assert result.exit_code == 1, result.output
+        error = result.stderr.splitlines()[-1]
+        assert error.startswith("Error: ") and why in error, error
+        assert "Traceback" not in result.output
+
+
+def test_a_candidate_whose_weights_fail_is_dropped_from_the_search_with_the_reason(plugin_site, image_folder, tmp_path):
+    result = ok("fit", image_folder, "--backbone", "a_gone_weights_net", "--backbone", "leaky_tinynet", "--trials", "1",
+                "--max-images", "24", "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--no-progress",
+                "--out", tmp_path / "run")
+    assert ("dropped backbone a_gone_weights_net: plugin autotransfer-bad-weights could not load the weights of "
+            "'a_gone_weights_net' (FileNotFoundError: /models/gone.pth)") in result.stdout
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["backbone"] == "leaky_tinynet"
 
 
 def test_demo_data_exports_the_digits(tmp_path):
@@ -185,6 +298,38 @@ def _pickled_model(tmp: Path, name: str) -> Path:
     return path
 
 
+def _model_file(tmp: Path, **change) -> Path:
+    """RUN/model.pt in autotransfer's format (a plain 3-class test_resnet), `change` applied:
+    it loads with torch, but its weights may not fit what it says it is."""
+    payload = {
+        "format": FORMAT, "architecture": "test_resnet", "feature_level": None, "classes": CLASSES,
+        "preprocessing": {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+                          "crop_pct": 1.0},
+        "state_dict": timm.create_model("test_resnet", num_classes=3).state_dict(),
+    }
+    (tmp / "run").mkdir()
+    torch.save({**payload, **change}, tmp / "run" / "model.pt")
+    return tmp / "run"
+
+
+def _file(path: Path, content: bytes = b"{}") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def _bomb(tmp: Path) -> Path:
+    """A PNG whose header claims 30,000 x 30,000 pixels: Pillow refuses to decode it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0))
+    return _file(tmp / "bomb.png", b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+
+
+PROFILE_CLI = ["--backbone", "test_efficientnet", "--weights", "random", "--image-size", "32", "--max-images", "12",
+               "--no-progress"]
+
 ERRORS = {
     "missing-folder": (lambda t, d: ["fit", t / "nowhere"], r"nowhere does not exist"),
     "one-class": (lambda t, d: ["fit", _one_class(t)], r"has 1 class folder \('cats'\); need at least 2"),
@@ -215,19 +360,147 @@ ERRORS = {
         lambda t, d: ["evaluate", _pickled_model(t, "run/model.pt").parent, d],
         r"model\.pt could not be read as a model file \(UnpicklingError: .*\); expected the model\.pt",
     ),
+    # numbers: every option and Plan field finite and in range (plan.check_number)
+    "lr-nan": (lambda t, d: ["fit", d, "--strategy", "full", "--lr", "nan"], r"--lr must be a finite number, but got nan"),
+    "lr-inf": (lambda t, d: ["plan", d, "--lr", "inf"], r"--lr must be a finite number, but got inf"),
+    "seed-negative": (lambda t, d: ["fit", d, "--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1, but got -1"),
+    "profile-seed-negative": (lambda t, d: ["profile", d, "--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1"),
+    "label-smoothing-nan": (lambda t, d: ["fit", d, "--label-smoothing", "nan"], r"--label-smoothing must be a finite number"),
+    "val-fraction-1": (lambda t, d: ["fit", d, "--val-fraction", "1"], r"--val-fraction must be between 0 and 1 \(exclusive\), but got 1.0"),
+    "plan-negative-weight-decay": (
+        lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b'{"backbone": "test_resnet", "weight_decay": -0.1}')],
+        r"weight_decay must be at least 0, but got -0.1",
+    ),
+    "plan-nan-lr": (
+        lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b'{"backbone": "test_resnet", "lr": NaN}')],
+        r"lr must be a finite number, but got nan",
+    ),
+    # user files that are not what they should be
+    "plan-null": (lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b"null")], r"p\.json' holds NoneType null, not a Plan"),
+    "plan-number": (lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b"3")], r"p\.json' holds int 3, not a Plan"),
+    "plan-not-utf8": (
+        lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b"\xff\xfe{}")],
+        r"p\.json' is not valid JSON: 'utf-8' codec can't decode",
+    ),
+    "search-json-damaged": (
+        lambda t, d: ["fit", d, "--resume", "--out", _file(t / "run" / "search.json", b"{damaged").parent],
+        r"search\.json is damaged \(JSONDecodeError: .*\); restore it, or start a new search",
+    ),
+    "worker-search-json-not-utf8": (
+        lambda t, d: ["worker", _file(t / "run" / "search.json", b"\xff{}").parent],
+        r"search\.json is damaged \(UnicodeDecodeError: ",
+    ),
+    "predict-decompression-bomb": (
+        lambda t, d: ["predict", _model_file(t), _bomb(t)], r"bomb\.png' is too large to decode safely \(Image size",
+    ),
+    "model-pt-wrong-architecture": (
+        lambda t, d: ["predict", _model_file(t, architecture="test_efficientnet"), d / "red" / "00.jpg"],
+        r"model\.pt does not fit its own description \(RuntimeError: Error\(s\) in loading state_dict .*train it again",
+    ),
+    "model-pt-wrong-class-count": (
+        lambda t, d: ["evaluate", _model_file(t, classes=["cat", "dog"]), d],
+        r"model\.pt does not fit its own description \(RuntimeError: .* size mismatch for fc\.weight",
+    ),
+    "model-pt-wrong-keys": (
+        lambda t, d: ["predict", _model_file(t, state_dict={"conv1.w": torch.zeros(1)}), d / "red" / "00.jpg"],
+        r"model\.pt does not fit its own description \(RuntimeError: .* Missing key",
+    ),
+    "model-pt-unknown-architecture": (
+        lambda t, d: ["predict", _model_file(t, architecture="no_such_net"), d / "red" / "00.jpg"],
+        r"model\.pt does not fit its own description \(RuntimeError: Unknown model \(no_such_net\)\)",
+    ),
+    # places autotransfer cannot write to
+    "out-is-a-file": (
+        lambda t, d: ["fit", d, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI,
+                      "--out", _file(t / "a-file")],
+        r"a-file\b.*(file|folder)",
+    ),
+    "out-under-a-file": (
+        lambda t, d: ["fit", d, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI,
+                      "--out", _file(t / "a-file") / "run"],
+        r"a-file/run': Not a directory; part of that path is a file, not a folder",
+    ),
+    "plan-out-missing-folder": (
+        lambda t, d: ["plan", d, *PROFILE_CLI, "--out", t / "missing" / "plan.json"],
+        r"missing/plan\.json': No such file or directory; .*create the folder",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", list(ERRORS))
-def test_user_errors_are_one_line_exit_1_without_traceback(case, tmp_path, image_folder):
-    make_args, match = ERRORS[case]
-    result = run(*make_args(tmp_path, image_folder))
+def _one_line_error(result, match: str) -> None:
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert re.search(match, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_user_errors_are_one_line_exit_1_without_traceback(case, tmp_path, image_folder):
+    make_args, match = ERRORS[case]
+    _one_line_error(run(*make_args(tmp_path, image_folder)), match)
+
+
+def test_the_model_file_of_the_bad_model_cases_loads_unchanged(tmp_path, image_folder):
+    ok("predict", _model_file(tmp_path), image_folder / "red" / "00.jpg")
+
+
+def _read_only(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    return path
+
+
+def _writes_despite_chmod(folder: Path) -> bool:
+    try:
+        (_read_only(folder) / "x").touch()
+    except PermissionError:
+        return False
+    return True
+
+
+UNWRITABLE = {  # (arguments, environment) -> match
+    "cache-under-a-file": (
+        lambda t, d, run_dir: (["fit", d, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI,
+                                "--out", t / "run"], {"AUTOTRANSFER_CACHE": _file(t / "a-file") / "cache"}),
+        r"Not a directory; it is in autotransfer's cache; point AUTOTRANSFER_CACHE to a writable folder",
+    ),
+    "read-only-cache": (
+        lambda t, d, run_dir: (["fit", d, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI,
+                                "--out", t / "run"], {"AUTOTRANSFER_CACHE": _read_only(t / "cache")}),
+        r"Permission denied; it is in autotransfer's cache; point AUTOTRANSFER_CACHE",
+    ),
+    "read-only-out": (
+        lambda t, d, run_dir: (["fit", d, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI,
+                                "--out", _read_only(t / "run")], {}),
+        r"Permission denied; make it readable and writable \(chmod u\+rw\) or pass another path",
+    ),
+    "read-only-run": (
+        lambda t, d, run_dir: (["report", _read_only(shutil.copytree(run_dir, t / "run")), "--no-progress"], {}),
+        r"run/report': Permission denied; make it readable and writable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE))
+def test_unwritable_places_are_one_line_exit_1(case, tmp_path, image_folder, frozen_run, monkeypatch):
+    if case.startswith("read-only") and _writes_despite_chmod(tmp_path / "probe"):
+        pytest.skip("this user (root) writes into read-only folders; cache-under-a-file and out-under-a-file "
+                    "take the same way out")
+    make, match = UNWRITABLE[case]
+    args, env = make(tmp_path, image_folder, frozen_run)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    _one_line_error(run(*args), match)
+
+
+def test_bugs_keep_their_traceback_and_ask_to_be_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr("autotransfer.api.load", lambda *args: {}["a bug"])
+    result = run("predict", tmp_path, tmp_path / "x.jpg")
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    notes = getattr(result.exception, "__notes__", None) or [result.stderr]  # Python 3.10: no notes
+    assert any("please report it" in note for note in notes)
 
 
 def test_usage_errors_exit_2():
@@ -257,3 +530,210 @@ def test_python_m_autotransfer_help():
     assert done.stdout.startswith("Usage: ")
     for command in ("fit", "evaluate", "predict", "backbones", "demo-data"):
         assert f"  {command} " in done.stdout
+
+
+# ---------------------------------------------------------------- one RUN, one run (issue 16)
+
+
+def _search_run(tmp: Path, data: Path, name: str = "R", finished: bool = True) -> Path:
+    """A search RUN on `data` as `fit` leaves it (trials faked): search.json with the data's
+    hash, a SQLite study in RUN, and either 2 finished trials adopted or 3 queued ones."""
+    import os
+    from test_search import BASE, fake_trial, rule_plans
+
+    from autotransfer.data import scan_folder
+    from autotransfer.search import SearchConfig, adopt_best, default_storage, enqueue_plans, fill_queue, open_study, run_search
+    from autotransfer.selector import data_hash
+
+    out = tmp / name
+    out.mkdir()
+    config = SearchConfig(
+        data=str(data), storage=default_storage(out), backbones=[BASE.backbone], base=BASE, trials=2 if finished else 3,
+        data_hash=data_hash(scan_folder(data, BASE.val_fraction, BASE.seed)),
+    )
+    config.save(out)
+    study = open_study(config)
+    enqueue_plans(study, rule_plans(), config.backbones)
+    fill_queue(study, config.trials)
+    if finished:
+        run_search(study, config, out, fake_trial)
+        adopt_best(study, out)
+    assert os.listdir(out)
+    return out
+
+
+def _with(path: Path, name: str) -> Path:
+    (path / name).write_text("mine")
+    return path
+
+
+RUN_ERRORS = {
+    "fit-into-a-search-run": (
+        lambda t, d: ["fit", d, "--trials", "2", "--out", _search_run(t, d)],
+        r"--out .*/R is not empty \(leaderboard\.csv, metrics\.json, model\.pt, \.\.\.\); a RUN holds one run: continue "
+        r"its search with `autotransfer fit .* --resume --out .*/R`, choose a new --out, or add --overwrite",
+    ),
+    "explicit-fit-into-a-search-run": (
+        lambda t, d: ["fit", d, "--strategy", "frozen", *FAST_CLI, "--out", _search_run(t, d)],
+        r"--out .*/R is not empty .*add --overwrite to replace it",
+    ),
+    "fit-into-an-explicit-run": (
+        lambda t, d: ["fit", d, "--trials", "2", "--out", (t / "E").mkdir() or _with(t / "E", "plan.json")],
+        r"--out .*/E is not empty \(plan\.json\); a RUN holds one run: choose a new --out, or add --overwrite",
+    ),
+    "overwrite-keeps-what-autotransfer-did-not-write": (
+        lambda t, d: ["fit", d, "--strategy", "frozen", "--out", _with(_search_run(t, d), "notes.txt"), "--overwrite"],
+        r"--overwrite would delete .*/R/notes\.txt, which autotransfer did not write",
+    ),
+    "resume-on-other-data": (
+        lambda t, d: ["fit", write_classes(t / "other", 3, {"cats": COLOURS["red"], "dogs": COLOURS["blue"]}),
+                      "--resume", "--out", _search_run(t, d)],
+        r"other is not the data the search in .*/R ran on \(.*colours; its classes, files or labels differ\)",
+    ),
+    "resume-without-its-study": (
+        lambda t, d: ["fit", d, "--resume", "--out", _without(_search_run(t, d), "study.db")],
+        r"the study of .*/R is not in its storage .*/R/study\.db; restore it, or start again",
+    ),
+}
+
+
+def _without(path: Path, name: str) -> Path:
+    (path / name).unlink()
+    return path
+
+
+@pytest.mark.parametrize("case", list(RUN_ERRORS))
+def test_a_run_holds_one_run_and_says_so_in_one_line(case, tmp_path, image_folder):
+    make_args, match = RUN_ERRORS[case]
+    _one_line_error(run(*make_args(tmp_path, image_folder)), match)
+
+
+def test_overwrite_replaces_a_search_run_by_an_explicit_one(tmp_path, image_folder):
+    out = _search_run(tmp_path, image_folder)
+    ok("fit", image_folder, "--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI, "--out", out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "plan.json", "scan.json"]
+    assert json.loads((out / "plan.json").read_text())["strategy"] == "frozen"
+    assert torch.load(out / "model.pt", weights_only=True)["classes"] == CLASSES
+
+
+def _fake_trials(monkeypatch, runner) -> None:
+    monkeypatch.setattr("autotransfer.selector.trial_runner", lambda scan, log, budget=None: runner)
+
+
+def test_ctrl_c_in_a_search_says_what_was_kept_exits_130_and_resume_reruns_the_trial(tmp_path, image_folder, monkeypatch):
+    import optuna
+    from test_search import _interrupted_in_fine_tuning, _rules_fine_tune_ran_again, fake_trial
+
+    out = _search_run(tmp_path, image_folder, finished=False)
+    _fake_trials(monkeypatch, _interrupted_in_fine_tuning("lightning"))
+    stopped = run("fit", image_folder, "--resume", "--out", out)
+    assert stopped.exit_code == 130, stopped.output
+    assert "Traceback" not in stopped.output
+    assert stopped.stderr.splitlines() == [
+        f"interrupted: {out} keeps 1 finished trial(s), 2 queued (1 after an interruption), 1 failed; "
+        f"continue with `autotransfer fit {image_folder} --resume --out {out}`"
+    ]
+
+    _fake_trials(monkeypatch, fake_trial)
+    resumed = ok("fit", image_folder, "--resume", "--out", out)
+    assert f"resuming the search in {out}: 1 finished trial(s), 2 queued (1 after an interruption), 1 failed" in resumed.stdout
+    _rules_fine_tune_ran_again(optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{out / 'study.db'}"), 1)
+
+
+def test_ctrl_c_in_an_explicit_fit_keeps_the_best_weights_and_exits_130(tmp_path, image_folder, monkeypatch):
+    import os
+    import signal
+
+    from autotransfer.train import ClassifierTask
+
+    real_step = ClassifierTask.training_step
+
+    def ctrl_c(self, batch, index):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: Python raises it inside this step
+        return real_step(self, batch, index)
+
+    monkeypatch.setattr(ClassifierTask, "training_step", ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "run"
+    try:
+        result = run("fit", image_folder, "--backbone", "test_efficientnet", "--strategy", "full", *FAST_CLI, "--out", out)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C once it has one
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted: {out}/model.pt keeps the best weights of the finetune stage so far (metrics.json says "
+        "\"interrupted\"); train again with --overwrite"
+    )
+    assert "Traceback" not in result.output
+    assert json.loads((out / "metrics.json").read_text())["interrupted"] == "finetune"
+
+
+def test_a_moved_run_resumes_in_its_new_place(tmp_path, image_folder, monkeypatch):
+    from test_search import fake_trial
+
+    out = _search_run(tmp_path, image_folder)
+    moved = shutil.move(out, tmp_path / "R2")
+    out.mkdir()  # a new folder where the run was
+    _fake_trials(monkeypatch, fake_trial)
+    resumed = ok("fit", image_folder, "--resume", "--out", moved)
+    assert f"resuming the search in {moved}: 2 finished trial(s), 0 queued" in resumed.stdout
+    assert not any(out.iterdir())
+
+
+def test_ctrl_c_in_a_worker_says_what_was_kept_and_exits_130(tmp_path, image_folder, monkeypatch):
+    from test_search import _interrupted_in_fine_tuning
+
+    out = _search_run(tmp_path, image_folder, finished=False)
+    _fake_trials(monkeypatch, _interrupted_in_fine_tuning("keyboard"))
+    stopped = run("worker", out)
+    assert stopped.exit_code == 130, stopped.output
+    assert stopped.stderr.splitlines()[-1] == (
+        f"interrupted: {out}'s study keeps 1 finished trial(s), 2 queued (1 after an interruption), 1 failed; "
+        f"any worker or `autotransfer fit DATA --resume --out {out}` runs the queued ones"
+    )
+
+
+def test_ctrl_c_in_any_other_command_is_one_line_and_exit_130(tmp_path, image_folder, monkeypatch):
+    """profile, bench, evaluate...: no traceback and no click "Aborted!" (exit 1), but the
+    same exit status as fit's (130) and a line saying what is kept."""
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("autotransfer.profile"), "profile_dataset", interrupted)
+    stopped = run("profile", image_folder)
+    assert stopped.exit_code == 130, stopped.output
+    assert stopped.stderr.strip().splitlines() == [
+        "interrupted: profile stopped by Ctrl-C; files it had finished (and feature caches) are kept, nothing half-written is"
+    ]
+
+
+# ---------------------------------------------------------------- output for logs and scripts (issue 18)
+
+
+def test_a_piped_run_has_no_carriage_returns(image_folder, tmp_path):
+    """Progress bars redraw their line with \\r: in a log file that is noise. Without
+    --no-progress, a run whose output goes to pipes draws none (Lightning's, the feature
+    pass's, the profile's) and prints whole lines only."""
+    fast = [a for a in FAST_CLI if a != "--no-progress"]
+    commands = {
+        "fit": ["fit", image_folder, "--backbone", "test_resnet", "--strategy", "full", *fast, "--out", tmp_path / "run"],
+        "plan": ["plan", image_folder, *PROFILE_CLI[:-1], "--out", tmp_path / "plan.json"],
+    }
+    for name, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", "autotransfer", *map(str, args)], capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"\r" not in done.stdout + done.stderr, name
+        assert done.stdout.endswith(b"\n"), name
+
+
+def test_quiet_prints_only_the_result(image_folder, tmp_path):
+    args = ["--backbone", "test_efficientnet", "--strategy", "frozen", *FAST_CLI]
+    out = tmp_path / "run"
+    lines = ok("fit", image_folder, *args, "--quiet", "--out", out).stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("done in ") and "val accuracy" in lines[0]
+    assert lines[1] == f"run saved in {out}/ (model.pt, plan.json, metrics.json)"
+    planned = ok("plan", image_folder, *PROFILE_CLI, "-q", "--out", tmp_path / "plan.json").stdout.splitlines()
+    assert planned[0] == "ranked plans:" and planned[1].startswith("1. test_efficientnet")
+    assert planned[-1].startswith("top plan written to ")

@@ -3,7 +3,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 from autotransfer.data import ImageRecord, load_rgb, scan_folder, stratified_split
 from autotransfer.errors import DataError
-from conftest import CLASSES, COLOURS, photo, write_classes
+from conftest import CLASSES, COLOURS, IMAGE_PX, photo, write_classes
 
 # ---------------------------------------------------------------- load_rgb
 
@@ -290,3 +292,175 @@ def test_content_hash_changes_iff_a_file_changes(image_folder, tmp_path):
 
     (data / "red" / "03.jpg").rename(data / "green" / "moved.jpg")  # same bytes, other label
     assert scan_folder(data, val_fraction=None).content_hash("train") not in (before, changed)
+
+
+# ---------------------------------------------------------------- scan_folder: what is not DATA
+
+
+def _two_classes(root: Path, per_class: int = 3) -> Path:
+    return write_classes(root, per_class=per_class, classes={"cats": COLOURS["red"], "dogs": COLOURS["blue"]})
+
+
+def _names(records: list[ImageRecord]) -> list[str]:
+    return sorted(Path(r.path).relative_to(Path(r.path).parents[1]).as_posix() for r in records)
+
+
+def test_scan_skips_and_lists_symlinks_that_leave_data(tmp_path):
+    data = _two_classes(tmp_path / "data")
+    elsewhere = write_classes(tmp_path / "elsewhere", per_class=2, classes={"birds": COLOURS["green"]}, seed=5)
+    (data / "birds").symlink_to(elsewhere / "birds")  # a class folder that lives elsewhere
+    (data / "cats" / "far.jpg").symlink_to(elsewhere / "birds" / "00.jpg")  # one file that does
+    (data / "cats" / "nested").symlink_to(elsewhere / "birds")  # a folder deeper down
+    (data / "dogs" / "near.jpg").symlink_to(data / "dogs" / "00.jpg")  # inside DATA: a plain duplicate
+
+    scan = scan_folder(data, val_fraction=None)
+
+    assert scan.classes == ["cats", "dogs"]
+    reasons = {Path(s.path).relative_to(data).as_posix(): s.reason for s in scan.skipped}
+    assert set(reasons) == {"birds", "cats/far.jpg", "cats/nested"}
+    for reason in reasons.values():
+        assert "outside" in reason and str(elsewhere) in reason and "AUTOTRANSFER_FOLLOW_SYMLINKS" in reason
+    assert _names(scan.splits["train"]) == [*(f"cats/{i:02d}.jpg" for i in range(3)),
+                                            *(f"dogs/{i:02d}.jpg" for i in range(3)), "dogs/near.jpg"]
+
+    followed = scan_folder(data, val_fraction=None, follow_symlinks=True)
+    assert followed.classes == ["birds", "cats", "dogs"] and followed.skipped == []
+    assert len(followed.splits["train"]) == 2 + (3 + 1 + 2) + (3 + 1)
+
+
+def test_follow_symlinks_comes_from_the_environment(tmp_path, monkeypatch):
+    data = _two_classes(tmp_path / "data")
+    write_classes(tmp_path / "elsewhere", per_class=2, classes={"birds": COLOURS["green"]})
+    (data / "birds").symlink_to(tmp_path / "elsewhere" / "birds")
+    monkeypatch.setenv("AUTOTRANSFER_FOLLOW_SYMLINKS", "1")
+    assert scan_folder(data, val_fraction=None).classes == ["birds", "cats", "dogs"]
+
+
+def test_scan_never_follows_symlink_loops(tmp_path):
+    data = _two_classes(tmp_path / "data")
+    (data / "everything").symlink_to(data)  # a class linked to DATA itself: every class again
+    (data / "up").symlink_to(tmp_path)  # a folder that holds DATA (as `/` does)
+    (data / "cats" / "again").symlink_to(data / "cats")  # a class inside itself
+    (data / "dogs" / "loop").symlink_to(data / "dogs" / "loop")  # a link to itself
+    (data / "dogs" / "gone.jpg").symlink_to(data / "nowhere.jpg")  # a dangling link
+
+    for follow in (False, True):
+        scan = scan_folder(data, val_fraction=None, follow_symlinks=follow)
+        assert scan.classes == ["cats", "dogs"]
+        assert len(scan.splits["train"]) == 6
+        reasons = {Path(s.path).relative_to(data).as_posix(): s.reason for s in scan.skipped}
+        assert set(reasons) == {"everything", "up", "cats/again", "dogs/loop", "dogs/gone.jpg"}
+        for name in ("everything", "up", "cats/again"):
+            assert "loop" in reasons[name]
+        assert "broken" in reasons["dogs/loop"] and "broken" in reasons["dogs/gone.jpg"]
+
+
+def test_a_class_of_symlinks_only_says_how_to_follow_them(tmp_path):
+    data = _two_classes(tmp_path / "data")
+    write_classes(tmp_path / "pool", per_class=2, classes={"birds": COLOURS["green"]})
+    (data / "birds").mkdir()
+    for image in (tmp_path / "pool" / "birds").iterdir():
+        (data / "birds" / image.name).symlink_to(image)
+    with pytest.raises(DataError, match=r"class 'birds' has no readable image .*2 symlink\(s\) out of DATA "
+                                        r"skipped; AUTOTRANSFER_FOLLOW_SYMLINKS=1 follows them") as info:
+        scan_folder(data)
+    assert "\n" not in str(info.value)
+
+
+def test_scan_skips_run_folders(tmp_path):
+    """A RUN written into DATA (`fit DATA --out DATA/run`, or `fit .` run inside DATA)
+    is not a class on the next fit, and its figures are not training images."""
+    data = _two_classes(tmp_path / "data")
+    for run in (data / "run", data / "runs" / "data-auto", data / "cats" / "old"):
+        run.mkdir(parents=True)
+        (run / "plan.json").write_text("{}")
+        photo(COLOURS["green"], seed=1).save(run / "figure.png")
+    (data / "model-only").mkdir()
+    (data / "model-only" / "model.pt").write_bytes(b"weights")
+    (data / "fresh").mkdir()  # the RUN this command is about to write: still empty
+
+    scan = scan_folder(data, val_fraction=None, exclude=[data / "fresh"])
+
+    assert scan.classes == ["cats", "dogs"]
+    assert _names(scan.splits["train"]) == [*(f"cats/{i:02d}.jpg" for i in range(3)), *(f"dogs/{i:02d}.jpg" for i in range(3))]
+    reasons = {Path(s.path).relative_to(data).as_posix(): s.reason for s in scan.skipped}
+    assert set(reasons) == {"run", "runs", "cats/old", "model-only", "fresh"}
+    assert "plan.json" in reasons["run"] and "model.pt" in reasons["model-only"]
+    assert "only RUN folders" in reasons["runs"]
+
+
+# ---------------------------------------------------------------- stratified_split: duplicates
+
+
+def _with_copies(counts: dict[int, int], copies: int, label_of_copy: int | None = None) -> list[ImageRecord]:
+    """`copies` images of each class also saved under a second name (same sha1), in
+    the same class or, with `label_of_copy`, in that one (a label conflict)."""
+    records = _records(counts)
+    for label in counts:
+        for r in [r for r in records if r.label == label][:copies]:
+            other = r.label if label_of_copy is None else label_of_copy
+            records.append(replace(r, path=r.path.replace(".jpg", "-copy.jpg"), label=other))
+    return records
+
+
+def _sides(train: list[ImageRecord], val: list[ImageRecord]) -> dict[str, set[str]]:
+    sides: dict[str, set[str]] = {}
+    for side, records in (("train", train), ("val", val)):
+        for r in records:
+            sides.setdefault(r.sha1, set()).add(side)
+    return sides
+
+
+@pytest.mark.parametrize("label_of_copy", [None, 1], ids=["same-class", "label-conflict"])
+def test_stratified_split_keeps_duplicates_on_one_side(label_of_copy):
+    records = _with_copies({0: 20, 1: 20, 2: 10}, copies=6, label_of_copy=label_of_copy)
+    for seed in range(20):
+        train, val = stratified_split(records, 0.2, seed)
+        assert all(len(sides) == 1 for sides in _sides(train, val).values()), seed
+        assert sorted(train + val, key=lambda r: r.path) == sorted(records, key=lambda r: r.path)
+        assert stratified_split(list(reversed(records)), 0.2, seed) == (train, val)  # seeded, order-free
+        if label_of_copy is None:  # still stratified: each class's share of val, +-1 image for a pair
+            for label, n in Counter(r.label for r in records).items():
+                assert abs(sum(r.label == label for r in val) - round(n * 0.2)) <= 1, (seed, label)
+
+
+def test_stratified_split_without_duplicates_is_unchanged():
+    """No duplicates: the same split as before groups existed (runs drawn earlier keep their val)."""
+    train, val = stratified_split(_records({0: 10, 1: 7}), 0.3, seed=5)
+    assert [r.path for r in val] == [
+        "/d/0/002.jpg", "/d/0/003.jpg", "/d/0/001.jpg", "/d/1/003.jpg", "/d/1/002.jpg",
+    ]
+    assert len(train) == 12
+
+
+def test_stratified_split_copies_of_one_image_stay_in_train():
+    records = _with_copies({0: 1, 1: 10}, copies=1)  # class 0: one image saved twice
+    train, val = stratified_split(records, 0.5, seed=0)
+    assert [r.label for r in train].count(0) == 2 and [r.label for r in val].count(0) == 0
+
+
+def test_scan_draws_val_without_duplicates_across_it(tmp_path):
+    data = _two_classes(tmp_path / "data", per_class=10)
+    for i in range(5):
+        shutil.copy(data / "cats" / f"{i:02d}.jpg", data / "cats" / f"copy{i}.jpg")
+    for seed in range(5):
+        scan = scan_folder(data, val_fraction=0.3, seed=seed)
+        assert all(len(sides) == 1 for sides in _sides(scan.splits["train"], scan.splits["val"]).values())
+        assert {r.label for r in scan.splits["val"]} == {0, 1}
+
+
+# ---------------------------------------------------------------- scan_folder: threads and warnings
+
+
+def test_scan_leaves_the_warning_filters_alone(tmp_path, monkeypatch):
+    """Every file below warns (PIL's DecompressionBombWarning); the scan's worker threads
+    must not leave a global filter behind (catch_warnings is not thread-safe)."""
+    data = _two_classes(tmp_path / "data", per_class=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", IMAGE_PX * IMAGE_PX - 1)  # each 40x40 file is "too large"
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(data / "cats" / "00.jpg").close()
+    before = list(warnings.filters)
+    for _ in range(10):
+        scan = scan_folder(data, val_fraction=None, workers=8)
+        assert len(scan.splits["train"]) == 64
+        assert warnings.filters == before

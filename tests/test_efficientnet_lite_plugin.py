@@ -32,3 +32,10 @@ def test_plugin_listed_with_package() -> None:
     names = {s.name: s.package for s in list_backbones()}
     for variant in range(3):
         assert names[f"efficientnet_lite{variant}"] == "autotransfer-efficientnet-lite"
+
+
+def test_lite0_passes_the_plugin_contract_checks() -> None:
+    from autotransfer.testing import check_backbone
+
+    results = {check.name: check.status for check in check_backbone("efficientnet_lite0")}
+    assert results["weights"] == results["preprocessing"] == "PASS", results  # real weights, a cat is a cat

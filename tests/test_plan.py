@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import fields
 
 import pytest
 
 from autotransfer.errors import PlanError
-from autotransfer.plan import Plan
+from autotransfer.plan import LIMITS, Plan, check_number
 
 
 def test_defaults_are_a_valid_frozen_plan():
@@ -28,6 +30,14 @@ def test_defaults_are_a_valid_frozen_plan():
         ({"image_size": 8}, r"image_size must be at least 16 px, but got 8"),
         ({"all_levels": True, "strategy": "full"}, r"all_levels .* needs strategy 'frozen' and no feature_level, but got strategy 'full'"),
         ({"all_levels": True, "feature_level": 2}, r"all_levels .* but got strategy 'frozen', feature_level 2"),
+        ({"lr": float("nan")}, r"lr must be a finite number, but got nan"),
+        ({"lr": float("inf")}, r"lr must be a finite number, but got inf"),
+        ({"weight_decay": -1e-4}, r"weight_decay must be at least 0, but got -0.0001"),
+        ({"backbone_lr_ratio": float("-inf")}, r"backbone_lr_ratio must be a finite number, but got -inf"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), but got 1.0"),
+        ({"val_fraction": 0.0}, r"val_fraction must be between 0 and 1 \(exclusive\), but got 0.0"),
+        ({"seed": -1}, r"seed must be between 0 and 2\*\*32 - 1, but got -1"),
+        ({"seed": 2**32}, r"seed must be between 0 and 2\*\*32 - 1, but got 4294967296"),
     ],
 )
 def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):
@@ -66,3 +76,18 @@ def test_missing_or_broken_plan_file(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(PlanError, match=r"plan file '.*broken\.json' is not valid JSON"):
         Plan.load(tmp_path / "broken.json")
+    (tmp_path / "binary.json").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(PlanError, match=r"plan file '.*binary\.json' is not valid JSON: 'utf-8' codec"):
+        Plan.load(tmp_path / "binary.json")
+    for text, found in (("null", "NoneType null"), ("3", "int 3"), ('["a"]', 'list ["a"]')):
+        (tmp_path / "other.json").write_text(text)
+        with pytest.raises(PlanError, match=rf"plan file '.*other\.json' holds {re.escape(found)}, not a Plan"):
+            Plan.load(tmp_path / "other.json")
+
+
+def test_options_are_checked_as_plan_fields_naming_the_option():
+    check_number("lr", 0.1, "--lr")
+    check_number("image_size", None, "--image-size")  # not set: the backbone's
+    with pytest.raises(PlanError, match=r"^--lr must be a finite number, but got nan$"):
+        check_number("lr", float("nan"), "--lr")
+    assert set(LIMITS) <= {f.name for f in fields(Plan)}

@@ -23,6 +23,8 @@ from autotransfer.profile import (
     format_profile,
     load_profile,
     profile_dataset,
+    quality,
+    quality_warnings,
     save_profiles,
     stratified_sample,
 )
@@ -103,6 +105,19 @@ def test_profile_size_images_and_quality(cache, data: Path) -> None:
     text = format_profile(profile)
     assert "LEAK" in text and "copy.png" in text and "notes.txt" in text
     assert any("leakage" in note for note in profile.summary.notes)
+
+
+def test_quality_warnings_name_leaks_and_label_conflicts(data: Path, tmp_path: Path) -> None:
+    """What `fit` prints from the scan alone, as `profile` notes it."""
+    assert quality_warnings(quality(scan_folder(data))) == [
+        "warning: 2 files are identical across splits (leakage); keep one copy:",
+        f"  {data / 'train/red/0.png'} [train] = {data / 'val/red/copy.png'} [val]",
+    ]
+    conflicted = shutil.copytree(data, tmp_path / "data")
+    shutil.copy(conflicted / "train" / "red" / "1.png", conflicted / "train" / "blue" / "red-1.png")
+    lines = quality_warnings(quality(scan_folder(conflicted)), max_listed=0)
+    assert lines[-2:] == ["warning: identical files carry different labels (1 group(s)); keep the right one:",
+                          "  ... and 1 more group(s)"]
 
 
 def test_schema_round_trip(cache, data: Path, tmp_path: Path) -> None:
@@ -200,6 +215,17 @@ def test_calibration_folder(cache, data: Path) -> None:
     assert profile.calibration.source.startswith("folder:") and profile.calibration.images == 16
     for depth, reference in zip(profile.depths, profile.calibration.bn_gap):
         assert depth.bn_gap_relative == pytest.approx(depth.bn_gap / reference)
+
+
+def test_damaged_calibration_cache_is_recomputed(data: Path, isolated_env: Path) -> None:
+    """A cache is not user data: a damaged file is computed again, not an error."""
+    first = _profile(data, calibration=data / "train")
+    cached = list((isolated_env / "calibration").glob("*.pt"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"half a file")
+    again = _profile(data, calibration=data / "train")
+    assert again.calibration.bn_gap == first.calibration.bn_gap
+    assert torch.load(cached[0], weights_only=True)["images"] == 16  # written again, whole
 
 
 def test_cli_profile(cache, data: Path, tmp_path: Path) -> None:

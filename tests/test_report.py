@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import warnings
+from html.parser import HTMLParser
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -17,11 +18,11 @@ from click.testing import CliRunner
 
 from autotransfer.cli import main
 from autotransfer.errors import RunError
-from autotransfer.report import build_report, linear_probe, write_report
+from autotransfer.report import Misclassified, build_report, linear_probe, write_report
 from autotransfer.strategies import depth_of
 
 from browser import NO_CHROMIUM, check_in_browser, chromium
-from conftest import FAST_CLI
+from conftest import FAST_CLI, write_classes
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
 
@@ -191,3 +192,59 @@ def test_not_a_run_is_one_line_exit_1(tmp_path: Path, make) -> None:
     assert re.fullmatch(r"Error: .*(is not an autotransfer run|does not exist).*\n", result.output), result.output
     with pytest.raises(RunError):
         build_report(target)
+
+
+class _Elements(HTMLParser):
+    """Every element and attribute of a page, and its text, as a browser's parser sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+        self.text = ""
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append(tag)
+        self.attrs += attrs
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
+HOSTILE = {  # class folder -> colour; the two red ones are confused, so both show in the grid
+    "<script>alert(1)": (215, 35, 35),
+    "<code><img src=x onerror=alert(2)>": (215, 35, 35),
+    "\"quoted' & <b>bold": (35, 55, 215),  # no '/': it is a folder name
+}
+
+
+def test_markup_in_class_names_and_paths_stays_text(tmp_path: Path) -> None:
+    """Class folders and the data path are the user's: the page shows them, never runs them."""
+    data = write_classes(tmp_path / "<img src=y onerror=alert(3)> & \"q'" / "data", per_class=6, classes=HOSTILE)
+    run = tmp_path / "run"
+    result = invoke("fit", data, "--backbone", BACKBONE, "--strategy", "frozen", *FAST_CLI, "--out", run)
+    assert result.exit_code == 0, result.output
+    report = build_report(run)
+    assert report.predictions is not None
+    thumbnail = report.predictions.misclassified[0].thumbnail if report.predictions.misclassified else b""
+    report.predictions.misclassified.append(Misclassified(  # the grid, whatever the model got right
+        str(data / "<code><img src=x onerror=alert(2)>" / "00.jpg"), "<script>alert(1)",
+        "<code><img src=x onerror=alert(2)>", 0.9, thumbnail))
+    paths = write_report(report, tmp_path / "out")
+
+    page = _Elements()
+    page.feed(paths["html"].read_text())
+    figures = len(list((tmp_path / "out" / "figures").glob("*.png")))
+    assert "script" not in page.tags
+    assert page.tags.count("img") == figures + len(report.predictions.misclassified)  # the report's own only
+    assert page.tags.count("b") == 3  # the lead line's two and the decision's
+    assert {name for name, _ in page.attrs} <= {"lang", "charset", "http-equiv", "content", "name", "href", "id",
+                                                 "class", "alt", "src", "title"}
+    assert all(value.startswith("data:") for name, value in page.attrs if name == "src")
+    for name in HOSTILE:
+        assert name in page.text  # shown as text
+    assert str(data) in page.text
+
+    markdown = paths["md"].read_text()
+    assert "<" not in markdown  # no value opens a tag: Markdown passes HTML on
+    assert "&lt;code&gt;&lt;img src=x onerror=alert(2)&gt;" in markdown

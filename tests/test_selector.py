@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
+from autotransfer.errors import BackboneError
 from autotransfer.plan import Plan
 from autotransfer.search import best_trial
 from autotransfer.profile import Profile
 from autotransfer.selector import (
-    MAX_DEFAULT_BACKBONES,
     MAX_DEFAULT_FINETUNES,
     cheap_first,
     default_backbones,
@@ -31,7 +31,7 @@ from autotransfer.selector import (
 )
 from autotransfer.train import fit
 
-from conftest import FAST, FAST_CLI, GOOD_PLUGIN, write_plugin
+from conftest import FAST, FAST_CLI, GOOD_PLUGIN, write_plugin, write_plugins
 
 
 def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -> None:
@@ -96,16 +96,29 @@ def test_sampled_trials_see_the_data_as_the_rules_did(image_folder: Path, tmp_pa
     assert json.loads((run / "search.json").read_text())["base"]["image_size"] == 128 == Plan.load(run / "plan.json").image_size
 
 
-def test_default_backbones_are_the_installed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.filterwarnings("ignore:Overwriting leaky_tinynet")
+def test_default_backbones_are_the_default_candidates_the_lite_plugin_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin whose names sort first cannot push efficientnet_lite1/2 out; one that does
+    not declare default_candidate, or whose spec failed, is never a default."""
+    pytest.importorskip("autotransfer_efficientnet_lite")
     assert default_backbones("random") == ["efficientnet_lite0"]  # random weights: no set to choose from
-    site = tmp_path / "site"
-    write_plugin(site, "autotransfer-tiny-plugin", "tiny_plugin", "tiny", GOOD_PLUGIN)
+    site = write_plugins(tmp_path / "site")  # a_gone_weights_net and the failed a_misspelt_net declare it
+    write_plugin(site, "autotransfer-tiny-plugin", "tiny_plugin", "tiny", GOOD_PLUGIN)  # does not
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD")
-    assert len(default_backbones("pretrained")) <= MAX_DEFAULT_BACKBONES
+    assert default_backbones("pretrained") == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     monkeypatch.setattr("autotransfer.selector.MAX_DEFAULT_BACKBONES", 100)
-    chosen = default_backbones("pretrained")
-    assert chosen[0] == "efficientnet_lite0" and "test_resnet" in chosen and len(set(chosen)) == len(chosen)
+    assert default_backbones("pretrained") == [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "a_gone_weights_net"]
+
+
+def test_autotransfer_backbones_env_sets_the_default_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTRANSFER_BACKBONES", " test_resnet, test_efficientnet,test_resnet ,")
+    assert default_backbones("pretrained") == ["test_resnet", "test_efficientnet"]  # its order, once each
+    assert default_backbones("random") == ["test_resnet"]  # one backbone: the list's first
+    monkeypatch.setenv("AUTOTRANSFER_BACKBONES", "test_resnet,test_resnett")
+    with pytest.raises(BackboneError, match=r"AUTOTRANSFER_BACKBONES=test_resnet,test_resnett: unknown backbone 'test_resnett'"):
+        default_backbones("pretrained")
 
 
 @pytest.mark.parametrize("min_images, profiled", [(400, ["test_efficientnet"]), (24, ["test_efficientnet", "test_resnet"])])

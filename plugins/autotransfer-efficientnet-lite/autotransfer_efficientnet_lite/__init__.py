@@ -57,6 +57,7 @@ def backbones() -> list[BackboneSpec]:
             interpolation="bicubic",
             crop_pct=crop_pct,
             weights=partial(load_state_dict, variant),
+            default_candidate=True,  # `fit` compares the three without --backbone
         )
         for variant, (size, crop_pct) in _PREPROCESSING.items()
     ]

@@ -1,0 +1,182 @@
+"""How should the frozen candidates (each depth, every level at once) be chosen between?
+
+Many seeds are needed to see a selection rule's worth at 10 images per class, and a whole
+`autotransfer bench` cell per seed is too slow for that on a CPU. Here the features of
+every depth are computed once per dataset (for a labelled pool and the held-out images),
+then for each seed and size a stratified sample of the pool is drawn, the product's own
+probe (`probe.fit_probe`, as `train.probe_head` calls it) is cross-validated and refit at
+every depth, and each selection rule's pick is scored on the held-out images.
+
+    python benchmarks/bench_frozen_selection.py /work/shared/datasets/{hymenoptera,flowers,cifar10,pneumoniamnist} \
+        --seeds 10 --out benchmarks/results/frozen_selection
+
+Rules compared: the product's (highest CV balanced accuracy, ties to the lower
+out-of-fold log-loss), lowest CV log-loss, each fixed depth, and the mean probabilities
+of all depths' probes or of the best three by CV. Mean held-out accuracy per rule, and
+each rule's paired gap to the product's rule with its standard error over cells x seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autotransfer.backbones import get_backbone
+from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, scan_datasets, subsample, use_cache
+from autotransfer.features import cache_feature_levels
+from autotransfer.plan import Plan
+from autotransfer.probe import fit_probe
+from autotransfer.references import depth_features
+from autotransfer.strategies import ALL_LEVELS, build_net
+
+
+def depth_label(level) -> str:
+    return "all" if level == ALL_LEVELS else "top" if level is None else f"L{level}"
+
+
+def dataset_features(scan, base: Plan, levels: list) -> dict:
+    """{depth: (pool features, pool labels, held-out features, held-out labels)}."""
+    spec = get_backbone(base.backbone)
+    cache_feature_levels(spec, base, scan, [lv for lv in levels if lv != ALL_LEVELS], progress=True, all_levels=True)
+    out = {}
+    for level in levels:
+        x, y = depth_features(spec, base, scan, level, "train")
+        tx, ty = depth_features(spec, base, scan, level, "test")
+        out[level] = (torch.from_numpy(x), torch.from_numpy(y).long(), torch.from_numpy(tx), torch.from_numpy(ty).long())
+    return out
+
+
+def probe_at(level, feats: dict, index: np.ndarray, num_classes: int, seed: int, multi) -> dict:
+    """The product's probe at one depth on the sampled images: CV scores and held-out probabilities."""
+    x, y, tx, ty = feats[level]
+    x, y = x[index], y[index]
+    standardise = True
+    if level == ALL_LEVELS:  # as train.probe_head does for a MultiLevelNet
+        multi.set_standardisation(x)
+        with torch.no_grad():
+            x, tx = multi.classifier[0](x), multi.classifier[0](tx)
+        standardise = False
+    fit = fit_probe(x, y, num_classes, seed=seed, standardise=standardise)
+    logits = tx.float() @ fit.weight.T + fit.bias
+    cv = fit.cv_logits.float()
+    cv_loss = float(-torch.clamp(cv[torch.arange(len(y)), y], min=-20.0).mean())
+    return {
+        "cv_balanced": fit.cv_balanced_accuracy, "cv_loss": cv_loss,
+        "proba": torch.softmax(logits, 1).numpy(), "C": fit.C,
+    }
+
+
+def rules(results: dict, order: list) -> dict[str, np.ndarray]:
+    """Each selection rule's held-out probabilities. `order`: the rules' rank of depths
+    (ties of the product's rule go to the earlier one)."""
+    picks = {}
+    current = max(order, key=lambda lv: (results[lv]["cv_balanced"], -results[lv]["cv_loss"], -order.index(lv)))
+    picks["product (CV bal. acc, ties log-loss)"] = results[current]["proba"]
+    picks["lowest CV log-loss"] = results[min(order, key=lambda lv: results[lv]["cv_loss"])]["proba"]
+    for lv in order:
+        picks[f"fixed {depth_label(lv)}"] = results[lv]["proba"]
+    picks["mean of all depths"] = np.mean([results[lv]["proba"] for lv in order], 0)
+    top3 = sorted(order, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
+    picks["mean of best 3 by CV"] = np.mean([results[lv]["proba"] for lv in top3], 0)
+    return picks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, nargs="+")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--per-class", type=int, action="append", default=None, help="[default: 10 and 50]")
+    parser.add_argument("--pool", type=int, default=150, help="Labelled pool per class the samples are drawn from.")
+    parser.add_argument("--heldout", type=int, default=300, help="Held-out images per class (cap).")
+    parser.add_argument("--image-size", type=int, default=None, help="[default: fit's choice: 128 px for small images, else the backbone's]")
+    parser.add_argument("--cache", type=Path, default=Path("runs/frozen_selection_cache"))
+    parser.add_argument("--out", type=Path, required=True, help="Writes OUT.json and OUT.md.")
+    args = parser.parse_args()
+    sizes = args.per_class or [10, 50]
+    settings = BenchSettings(image_size=args.image_size, val_cap=None, test_cap=args.heldout, seed=0)
+    started = time.time()
+    cells = []
+    with use_cache(args.cache):
+        for scan in scan_datasets(args.data, settings):
+            scan = cap_split(scan, "train", args.pool, 0)
+            name = Path(scan.root).name
+            base = Plan("efficientnet_lite0", image_size=resolve_image_size(scan, settings), seed=0)
+            spec = get_backbone(base.backbone)
+            net = build_net(spec, replace(base, strategy="frozen", all_levels=False), len(scan.classes))
+            n_levels = len(net.model.feature_info) if hasattr(net, "model") else 5
+            levels = [*range(n_levels), None, ALL_LEVELS]
+            multi = build_net(spec, replace(base, strategy="frozen", all_levels=True), len(scan.classes))
+            t0 = time.time()
+            feats = dataset_features(scan, base, levels)
+            print(f"[{name}] {len(feats[None][1])} pool, {len(feats[None][3])} held-out, {base.image_size or 'backbone'} px, features {time.time() - t0:.0f}s", flush=True)
+            pool_y = feats[None][1].numpy()
+            ty = feats[None][3].numpy()
+            for per_class in sizes:
+                for seed in range(args.seeds):
+                    rng = np.random.default_rng(1000 * seed + per_class)
+                    index = np.sort(np.concatenate([
+                        rng.permutation(np.flatnonzero(pool_y == c))[:per_class] for c in np.unique(pool_y)
+                    ]))
+                    t1 = time.time()
+                    results = {lv: probe_at(lv, feats, index, len(scan.classes), seed, multi) for lv in levels}
+                    # the rules' order of frozen Plans today: top, every level, then the levels below the top
+                    order = [None, ALL_LEVELS, *reversed(range(n_levels))]
+                    accuracy = {rule: round(float((p.argmax(1) == ty).mean()), 4) for rule, p in rules(results, order).items()}
+                    cells.append({
+                        "dataset": name, "per_class": per_class, "seed": seed, "heldout_accuracy": accuracy,
+                        "cv": {depth_label(lv): [results[lv]["cv_balanced"], results[lv]["cv_loss"], results[lv]["C"]] for lv in levels},
+                    })
+                    line = ", ".join(f"{r.split(' (')[0]} {a:.3f}" for r, a in accuracy.items() if not r.startswith("fixed"))
+                    print(f"  {per_class}/class seed {seed} ({time.time() - t1:.0f}s): {line}", flush=True)
+    summary = summarise(cells)
+    summary["command"] = " ".join(sys.argv)
+    summary["minutes"] = round((time.time() - started) / 60, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({**summary, "cells": cells}) + "\n")
+    args.out.with_suffix(".md").write_text(format_summary(summary))
+    print(format_summary(summary))
+    return 0
+
+
+def summarise(cells: list[dict]) -> dict:
+    """Mean held-out accuracy of each rule per dataset and size (over seeds), overall, and
+    its paired gap to the product's rule with the standard error over cells x seeds."""
+    base = "product (CV bal. acc, ties log-loss)"
+    names = list(cells[0]["heldout_accuracy"])
+    groups = sorted({(c["dataset"], c["per_class"]) for c in cells}, key=lambda g: (g[1], g[0]))
+    table = {}
+    for rule in names:
+        per_group = {f"{d} {k}/class": float(np.mean([c["heldout_accuracy"][rule] for c in cells if (c["dataset"], c["per_class"]) == (d, k)]))
+                     for d, k in groups}
+        gaps = np.array([c["heldout_accuracy"][rule] - c["heldout_accuracy"][base] for c in cells])
+        table[rule] = {
+            "per_group": per_group, "mean": float(np.mean(list(per_group.values()))),
+            "gap_to_product": float(gaps.mean()), "gap_se": float(gaps.std(ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else 0.0,
+        }
+    return {"rules": table, "groups": [f"{d} {k}/class" for d, k in groups], "seeds": len({c["seed"] for c in cells})}
+
+
+def format_summary(summary: dict) -> str:
+    groups = summary["groups"]
+    lines = [
+        "# Frozen selection rules (benchmarks/bench_frozen_selection.py)", "",
+        f"Command: `{summary.get('command', '')}`; {summary['seeds']} seeds; {summary.get('minutes', '?')} min.", "",
+        "Held-out accuracy, mean over seeds; gap = rule - product's rule, mean over every (cell, seed) ± its standard error, points.", "",
+        "| rule | " + " | ".join(groups) + " | mean | gap to product |",
+        "|---|" + "---|" * (len(groups) + 2),
+    ]
+    for rule, row in summary["rules"].items():
+        lines.append(f"| {rule} | " + " | ".join(f"{row['per_group'][g]:.3f}" for g in groups)
+                     + f" | {row['mean']:.3f} | {100 * row['gap_to_product']:+.1f} ± {100 * row['gap_se']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
