@@ -690,8 +690,11 @@ def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
     other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)])
     if other is not None:
         tuned, frozen = (other, best) if is_frozen(best) else (best, other)
-        verdict = ("beat" if best.number == tuned.number
-                   else f"did not beat (by more than {FINETUNE_LEAD_STANDARD_ERRORS:g} paired standard error)")
+        ahead = (tuned.value - frozen.value if shared_images(tuned, frozen) == "cv_predictions"
+                 else _val_score(tuned) - _val_score(frozen)) > 0
+        verdict = ("beat" if best.number == tuned.number else
+                   f"led, but by no more than {FINETUNE_LEAD_STANDARD_ERRORS:g} paired standard error,"
+                   if ahead else "did not beat")
         on = shared_images(tuned, frozen)
         scores = (tuned.value, frozen.value) if on == "cv_predictions" else (_val_score(tuned), _val_score(frozen))
         where = "every labelled image (cross-validated)" if on == "cv_predictions" else "the same val images"
