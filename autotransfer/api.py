@@ -15,8 +15,10 @@ message; Ctrl-C during `fit` raises `Interrupted` (a KeyboardInterrupt) saying w
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -185,6 +187,19 @@ def plan(
     return plans
 
 
+def quiet_frameworks() -> None:
+    """Lightning's start-up chatter is not news to our users; warnings about data stay."""
+    import optuna
+    import pytorch_lightning  # noqa: F401  (it sets its own log level on import)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own trial lines
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen blocks, on purpose
+
+
 def fit(
     data: str | Path, out: str | Path | None = None, *, strategy: str | None = None,
     plan: Plan | str | Path | None = None, backbone: str | Sequence[str] | None = None,
@@ -206,6 +221,7 @@ def fit(
     log, warn = log or _silent, warn or _silent
     _check_options(options)
     progress = wants_progress(progress)
+    quiet_frameworks()
     start = time.perf_counter()
     if resume:
         given = [name for name, value in (("strategy", strategy), ("plan", plan), ("backbone", backbone)) if value]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -68,19 +66,6 @@ class _Group(click.Group):
                     click.echo(note, err=True)
                 raise
             raise click.ClickException(" ".join(message.splitlines())) from None
-
-
-def quiet_frameworks() -> None:
-    """Lightning's start-up chatter is not news to our users; warnings about data stay."""
-    import optuna
-    import pytorch_lightning  # noqa: F401  (it sets its own log level on import)
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own trial lines
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen blocks, on purpose
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -184,7 +169,7 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     A RUN holds one run: fit refuses a non-empty --out unless --overwrite; --resume
     refuses other data. Ctrl-C prints what was kept and where, and exits with 130.
     """
-    quiet_frameworks()
+    api.quiet_frameworks()
     _echo_failures()
     shown = dict(progress=_progress(no_progress or quiet), log=None if quiet else click.echo, warn=_warn)
     if resume:
@@ -251,7 +236,7 @@ def worker(run: Path) -> None:
     """
     from autotransfer.selector import continue_search
 
-    quiet_frameworks()
+    api.quiet_frameworks()
     with interruptible(lambda: _worker_kept(run)):
         continue_search(run, adopt=False, log=click.echo)
     click.echo(f"no queued trial left in {run}'s study")
@@ -386,7 +371,7 @@ def check_plugin(name: str) -> None:
     In a plugin's tests: `autotransfer.testing.check_backbone(NAME)`."""
     from autotransfer.testing import FAIL, run_checks
 
-    quiet_frameworks()
+    api.quiet_frameworks()
     failed = sum(check.status == FAIL for check in run_checks(name, log=click.echo))
     if failed:
         raise click.ClickException(f"{name}: {failed} check(s) failed")
@@ -478,7 +463,7 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     """
     from autotransfer.bench import BenchSettings, parse_sizes, run_bench, verdict_lines
 
-    quiet_frameworks()
+    api.quiet_frameworks()
     sizes = parse_sizes(per_class)
     make = BenchSettings.quick_mode if quick else BenchSettings.full_mode
     settings = make(seed=seed, keep_models=keep_models, **options)

@@ -191,3 +191,20 @@ def test_progress_bars_only_where_they_can_redraw(monkeypatch) -> None:
     monkeypatch.setattr(sys, "stdout", Terminal())
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert api.wants_progress(None)
+
+
+def test_fit_from_python_is_as_quiet_as_the_command_line(image_folder: Path, tmp_path: Path, capfd, monkeypatch) -> None:
+    """In a notebook, Lightning's start-up chatter ("GPU available: ...", tips) and
+    Optuna's own trial lines drown the decision; the API quiets them as the CLI does."""
+    import logging
+
+    import optuna
+
+    for name in ("pytorch_lightning", "lightning.pytorch"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.INFO)  # as a fresh kernel has it
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    autotransfer.fit(image_folder, tmp_path / "run", strategy="full", backbone="test_resnet", progress=False,
+                     log=None, **{**FAST, "epochs": 1})
+    out, err = capfd.readouterr()
+    assert "GPU available" not in out + err and "TPU available" not in out + err
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
