@@ -214,6 +214,15 @@ def test_a_plugin_architecture_works_in_every_command_each_in_a_fresh_process(pl
     assert (report["split"], report["n"]) == ("test", 6)
     _python_m(plugin_site, "report", run_dir, "--no-progress")
     assert json.loads((run_dir / "report" / "report.json").read_text())
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from autotransfer.checkpoint import load_model; import sys; "
+         "net, classes, prep = load_model(sys.argv[1]); print(type(net).__name__, len(classes))", str(run_dir)],
+        capture_output=True, text=True, timeout=600, env=plugin_env(plugin_site, AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD="1"),
+    )
+    assert loaded.returncode == 0 and loaded.stdout.split()[-1] == "3", loaded.stdout + loaded.stderr
+    exported = _python_m(plugin_site, "export", run_dir, "--out", tmp_path / "model.ts",
+                         AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert (tmp_path / "model.ts").is_file() and "checked against the PyTorch model" in exported.stdout + exported.stderr
 
 
 def test_broken_plugins_are_listed_once_with_their_reason_and_break_neither_listing_nor_fit(
