@@ -41,17 +41,17 @@ import shutil
 import time
 import traceback
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from statistics import median
-from typing import Callable, Iterator
+from typing import Callable
 
 from autotransfer import __version__
 from autotransfer.data import DatasetScan, ImageRecord, scan_folder, stratified_split
 from autotransfer.errors import DataError
+from autotransfer.features import use_cache
 from autotransfer.plan import Plan, describe
 from autotransfer.recipes import AUTO, FIXED, GRID, PEER, REFERENCE, Recipe, auto_recipe, fixed_recipes, grid_recipes
 from autotransfer.rules import THRESHOLDS
@@ -264,22 +264,6 @@ def scan_datasets(paths: list[Path], settings: BenchSettings) -> list[DatasetSca
 
 
 # --------------------------------------------------------------------------- running
-
-
-@contextmanager
-def use_cache(root: Path) -> Iterator[None]:
-    """Point the feature cache at `root` for the run; restore the caller's setting."""
-    from autotransfer.features import CACHE_ENV
-
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(root)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = old
 
 
 def empty_feature_cache() -> None:

@@ -111,6 +111,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "autotransfer") / "features"
 
 
+
+@contextmanager
+def use_cache(root: Path) -> Iterator[None]:
+    """Point the feature cache at `root` while in the block; restore the caller's setting."""
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old
+
 def feature_key(
     architecture: str, weights_id: str, feature_level: int | str | None, prep: Preprocessing,
     data_hash: str,

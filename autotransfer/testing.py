@@ -16,7 +16,6 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ from PIL import Image
 
 from autotransfer.backbones import BackboneSpec, classifier_names, create_model, get_backbone
 from autotransfer.errors import AutotransferError
+from autotransfer.features import use_cache
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -78,7 +78,7 @@ def _checks(name: str) -> Iterator[Check]:
         return
     weights = yield from _weights(spec)
     yield _depths(spec, model)
-    with tempfile.TemporaryDirectory(prefix="autotransfer-check-") as tmp, _feature_cache(Path(tmp)):
+    with tempfile.TemporaryDirectory(prefix="autotransfer-check-") as tmp, use_cache(Path(tmp) / "cache"):
         run = yield from _frozen_fit(spec, weights, Path(tmp))
         yield from _round_trip(run, Path(tmp))
     yield _cat_photo(spec, weights)
@@ -136,22 +136,6 @@ def _depths(spec: BackboneSpec, model: torch.nn.Module) -> Check:
         return Check("depths", PASS, f"{levels} feature levels (channels {channels}), {groups} coarse groups")
     except Exception as exc:
         return Check("depths", FAIL, _error(exc))
-
-
-@contextmanager
-def _feature_cache(root: Path) -> Iterator[None]:
-    """The check's features go to its temp folder, not the user's cache."""
-    from autotransfer.features import CACHE_ENV
-
-    before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(root / "cache")
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = before
 
 
 def write_images(root: Path, per_class: dict[str, int], size: int = 64, seed: int = 0) -> Path:

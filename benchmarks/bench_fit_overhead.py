@@ -29,9 +29,10 @@ import pytorch_lightning as pl
 import timm
 import torch
 
-from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample, use_cache, warm_calibration
-from autotransfer.cli import quiet_frameworks
+from autotransfer.api import quiet_frameworks
+from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample, warm_calibration
 from autotransfer.data import scan_folder
+from autotransfer.features import use_cache
 from autotransfer.plan import Plan
 from autotransfer.selector import default_backbones
 from autotransfer.train import fit

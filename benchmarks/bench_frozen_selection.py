@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from autotransfer.backbones import get_backbone
-from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, scan_datasets, subsample, use_cache
-from autotransfer.features import cache_feature_levels
+from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, scan_datasets
+from autotransfer.features import cache_feature_levels, use_cache
 from autotransfer.plan import Plan
 from autotransfer.probe import fit_probe
 from autotransfer.references import depth_features

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from autotransfer.backbones import get_backbone
-from autotransfer.cli import quiet_frameworks
+from autotransfer.api import quiet_frameworks
 from autotransfer.plan import Plan
 from autotransfer.strategies import build_net
 from autotransfer.train import ClassifierTask, _trainer, backbone_param_groups
