@@ -96,6 +96,11 @@ class SearchConfig:
     # What the search runs on (`selector.data_hash`): `--resume` and workers refuse other data.
     data_hash: str | None = None
 
+    @property
+    def grace_seconds(self) -> int:
+        """How long a running trial may stay silent before it counts as interrupted."""
+        return 3 * self.heartbeat_seconds
+
     def save(self, run_dir: Path) -> None:
         """Write RUN/search.json; a SQLite study inside RUN is named relative to RUN, so a
         moved or copied RUN keeps using its own study."""
@@ -189,7 +194,7 @@ def _rdb_storage(config: SearchConfig) -> optuna.storages.RDBStorage | None:
             storage = optuna.storages.RDBStorage(
                 config.storage,
                 heartbeat_interval=config.heartbeat_seconds,
-                grace_period=3 * config.heartbeat_seconds,
+                grace_period=config.grace_seconds,
                 heartbeat_stale_trial_callback=requeue,
                 engine_kwargs={"connect_args": {"timeout": 60}} if config.storage.startswith("sqlite") else {},
             )
@@ -211,7 +216,7 @@ def open_study(config: SearchConfig) -> optuna.Study:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1, n_min_trials=PRUNE_MIN_TRIALS),
         load_if_exists=True,
     )
-    requeue_interrupted(study, 3 * config.heartbeat_seconds)
+    requeue_interrupted(study, config.grace_seconds)
     return study
 
 
@@ -556,13 +561,13 @@ def run_search(
             study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
         if wait is None:
             return
-        requeue_interrupted(study, 3 * config.heartbeat_seconds)
+        requeue_interrupted(study, config.grace_seconds)
         running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
         if not running and not runnable():
             return
         if running and not said:
             wait(f"waiting for {len(running)} trial(s) that other workers are running ({', '.join(map(str, running))}) "
-                 f"before adopting the best; a worker that stops is noticed within {3 * config.heartbeat_seconds}s")
+                 f"before adopting the best; a worker that stops is noticed within {config.grace_seconds}s")
             said = True
         if running:
             time.sleep(min(1.0, config.heartbeat_seconds))
