@@ -19,13 +19,13 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from autotransfer.backbones import DEFAULT_BACKBONE
 from autotransfer.errors import AutotransferError, UsageError, interruptible
-from autotransfer.plan import Plan, check_number, ranked_lines
+from autotransfer.plan import Compute, Plan, check_number, ranked_lines
 from autotransfer.predict import Model, Prediction
 from autotransfer.predict import load as _load_model
 from autotransfer.profile import Profile
@@ -34,12 +34,17 @@ if TYPE_CHECKING:
     import pandas
 
     from autotransfer.data import DatasetScan
+    from autotransfer.search import SearchProgress
 
 __all__ = ["Model", "Prediction", "Profile", "Plan", "Run", "fit", "load", "plan", "profile", "wants_progress"]
 
+# fit(logger=...): Lightning's loggers, and the package each needs beyond Lightning
+LOGGERS = {"csv": (), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
 Log = Optional[Callable[[str], None]]  # None: silent
-# Plan fields a caller may set; backbone and strategy are arguments of their own
-PLAN_OPTIONS = tuple(f.name for f in fields(Plan) if f.name not in ("backbone", "strategy", "reasons"))
+# Plan fields a caller may set; backbone and strategy are arguments of their own, and
+# compute is accelerator=, devices=, precision=
+PLAN_OPTIONS = tuple(f.name for f in fields(Plan) if f.name not in ("backbone", "strategy", "reasons", "compute"))
 
 
 def _stderr(line: str) -> None:
@@ -198,6 +203,8 @@ def quiet_frameworks() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen blocks, on purpose
+    warnings.filterwarnings("ignore", ".*validation_step. but have no .val_dataloader.*")  # the refit: no val left, on purpose
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\). is deprecated.*")  # Lightning's, with newer torch
 
 
 def fit(
@@ -205,7 +212,10 @@ def fit(
     plan: Plan | str | Path | None = None, backbone: str | Sequence[str] | None = None,
     trials: int | None = None, time_budget: float | str | None = None, storage: str | None = None,
     max_images: int = 400, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
-    log: Log = print, warn: Log = _stderr, **options: Any,
+    log: Log = print, warn: Log = _stderr, logger: str = "csv",
+    ranked: Callable[[list[Plan]], None] | None = None, watch: Callable[["SearchProgress"], None] | None = None,
+    accelerator: str | None = None, devices: int | str | None = None, precision: str | None = None,
+    **options: Any,
 ) -> Run:
     """Train the best classifier for DATA into the RUN folder `out` (`autotransfer fit`).
 
@@ -216,10 +226,41 @@ def fit(
     `options` are Plan fields (weights, image_size, epochs, lr, cut, seed, ...). `out`
     defaults to runs/<data>-<strategy or auto>; a non-empty one is refused unless
     `overwrite`; `resume` continues the interrupted search in `out`.
+
+    `logger`: Lightning's logger of each training stage, one of LOGGERS. A display may
+    take the ranked Plans (`ranked`, instead of their lines in `log`) and follow the
+    search (`watch`: a SearchProgress when it starts and after each trial).
+
+    `accelerator` ("auto", "cpu", "gpu", ...), `devices` (a count or "auto"; more than one
+    trains with DDP, which in a script needs `if __name__ == "__main__":`) and `precision`
+    ("32", "bf16-mixed", "16-mixed") go to Lightning for every trained stage; None keeps
+    those of `plan`, else auto, 1 and 32. A search's trials and workers use them too.
     """
+    from autotransfer.search import watch_search
+    from autotransfer.train import LOGGER
+
     data = Path(data)
     log, warn = log or _silent, warn or _silent
     _check_options(options)
+    _check_logger(logger)
+    if (accelerator, devices, precision) != (None, None, None):
+        options["compute"] = _compute(accelerator, devices, precision)
+    chosen_logger = LOGGER.set(logger)
+    try:
+        with watch_search(watch):
+            return _fit(data, out, strategy=strategy, plan=plan, backbone=backbone, trials=trials,
+                        time_budget=time_budget, storage=storage, max_images=max_images, resume=resume,
+                        overwrite=overwrite, progress=progress, log=log, warn=warn, ranked=ranked, options=options)
+    finally:
+        LOGGER.reset(chosen_logger)
+
+
+def _fit(
+    data: Path, out: str | Path | None, *, strategy: str | None, plan: Plan | str | Path | None,
+    backbone: str | Sequence[str] | None, trials: int | None, time_budget: float | str | None, storage: str | None,
+    max_images: int, resume: bool, overwrite: bool, progress: bool | None, log: Callable[[str], None],
+    warn: Callable[[str], None], ranked: Callable[[list[Plan]], None] | None, options: dict,
+) -> Run:
     progress = wants_progress(progress)
     quiet_frameworks()
     start = time.perf_counter()
@@ -236,11 +277,13 @@ def fit(
         from autotransfer.train import fit as train_fit
 
         if plan is not None:
+            compute = options.pop("compute", None)  # how to run it may change, not what it is
             given = [name for name, value in (("strategy", strategy), ("backbone", backbone)) if value] + list(options)
             if given:
                 raise UsageError(f"plan= runs a saved Plan as it is, so {', '.join(given)} would be ignored; "
                                  "drop them, or change the Plan (dataclasses.replace) and pass that")
             chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+            chosen = chosen if compute is None else replace(chosen, compute=compute)
         else:
             chosen = Plan(strategy=strategy, backbone=_one_backbone(backbones), **options)
         out = Path(out) if out is not None else Path("runs") / f"{data.resolve().name}-{chosen.strategy}"
@@ -267,9 +310,12 @@ def fit(
         scan = _scan(data, base, out, log, warn)
         profiles, plans = _profile_and_rank(scan, base, max_images, progress, candidates, log)
         save_profiles(profiles, out)
-        log("ranked plans:")
-        for line in ranked_lines(plans):
-            log(line)
+        if ranked is not None:
+            ranked(plans)
+        else:
+            log("ranked plans:")
+            for line in ranked_lines(plans):
+                log(line)
         config = search_config(str(data.resolve()), storage or default_storage(out), profiles, plans, trials, budget)
         select_and_fit(config, out, plans, scan=scan, log=log, overwrite=overwrite)
     return Run(out, time.perf_counter() - start)
@@ -286,6 +332,30 @@ def _resume(data: Path, out: str | Path | None, overwrite: bool, log: Callable[[
     with interruptible(lambda: _search_kept(data, out)):
         continue_search(out, adopt=True, log=log, data=data)
     return Run(out, time.perf_counter() - start)
+
+
+def _check_logger(logger: str) -> None:
+    """Before any work: a logger that is not installed would fail at the first trained stage."""
+    import importlib.util
+
+    if logger not in LOGGERS:
+        raise UsageError(f"logger must be one of {', '.join(LOGGERS)}, but got '{logger}'")
+    packages = LOGGERS[logger]
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise AutotransferError(f"logger {logger} needs the {packages[0]} package, which is not installed: "
+                                f"pip install 'autotransfer[{logger}]'")
+
+
+def _compute(accelerator: str | None, devices: int | str | None, precision: str | None) -> Compute:
+    """The Compute the caller asked for, checked on this machine before any work (a bad
+    one would otherwise fail only when the first fine-tuning starts)."""
+    from autotransfer.train import trainer_devices
+
+    default = Compute()
+    compute = Compute(accelerator or default.accelerator, default.devices if devices is None else devices,
+                      precision or default.precision)
+    trainer_devices(compute)
+    return compute
 
 
 def _check_options(options: dict) -> None:

@@ -875,6 +875,44 @@ def verdict_lines(report: dict) -> list[str]:
 SEED_COLUMNS = ["autotransfer", "grid best on val", "probe by CV", "fastai", *FIXED_ORDER]
 
 
+def merge_by_seed(reports: list[dict]) -> list[dict]:
+    """One report per seed out of reports of single cells (benchmarks/bench_parallel.py runs
+    one cell per process): the cells of a seed, in the order given, under the first one's header."""
+    by_seed: dict[int, dict] = {}
+    seen: set[tuple[int, str, str]] = set()
+    for report in reports:
+        seed = report["settings"]["seed"]
+        for cell in report["cells"]:
+            key = (seed, cell["dataset"], cell["size"])
+            if key in seen:
+                raise DataError(f"two bench reports hold {cell['dataset']} {cell['size']} of seed {seed}")
+            seen.add(key)
+        if seed not in by_seed:
+            by_seed[seed] = {**report, "cells": list(report["cells"]), "commands": [report["command"]]}
+            continue
+        merged = by_seed[seed]
+        if report["settings"] != merged["settings"]:
+            raise DataError(f"the bench reports of seed {seed} differ in their settings: {report['command']!r} "
+                            f"vs {merged['command']!r}")
+        merged["cells"] += report["cells"]
+        merged["commands"].append(report["command"])
+        merged["seconds"] = round(merged.get("seconds", 0) + report.get("seconds", 0), 1)
+    return list(by_seed.values())
+
+
+def mean_accuracy_by_recipe(reports: list[dict]) -> dict[str, float]:
+    """Mean held-out accuracy of each row that every cell of every report has (fixed recipes,
+    probes at each depth, fastai, grid rows, autotransfer): issue 15's "above every single
+    fixed recipe" is autotransfer's mean against each of these."""
+    cells = [c for r in reports for c in r["cells"]]
+    scores: dict[str, list[float]] = defaultdict(list)
+    for cell in cells:
+        for row in cell["rows"]:
+            if row.get("heldout_accuracy") is not None:
+                scores[row["recipe"]].append(row["heldout_accuracy"])
+    return {name: round(sum(v) / len(v), 4) for name, v in scores.items() if len(v) == len(cells)}
+
+
 def summarise_seeds(reports: list[dict]) -> dict:
     """Regrets of one bench run with several seeds, per dataset and size, and their means.
 
@@ -917,8 +955,11 @@ def summarise_seeds(reports: list[dict]) -> dict:
                                        for a, f in zip(regrets["autotransfer"], fixed_best)]),
         })
     settings_text = reports[0]["settings_text"].replace(f"seed {seeds[0]};", f"seeds {seeds};")
+    complete = [{**r, "cells": [c for c in r["cells"] if len(by_cell[(c["dataset"], c["size"])]) == len(seeds)]}
+                for r in reports]
     return {"seeds": seeds, "settings_text": settings_text, "rows": rows, "incomplete": incomplete,
-            "commands": [r["command"] for r in reports]}
+            "mean_accuracy": mean_accuracy_by_recipe(complete),
+            "commands": [c for r in reports for c in r.get("commands", [r["command"]])]}
 
 
 def _seed_regret(cell: dict, name: str) -> float | None:
@@ -941,6 +982,16 @@ def seed_verdict_lines(summary: dict) -> list[str]:
              if r["below_best_fixed"] is not None and r["below_best_fixed"] > WITHIN_POINTS]
     lines.append("autotransfer more than 1 point below the best fixed recipe on average: "
                  + (", ".join(worse) if worse else "in no cell") + ".")
+    within_se = [r for r in rows if r["mean_regret"]["autotransfer"] is not None and r["mean_regret_se"] is not None
+                 and r["mean_regret"]["autotransfer"] <= r["mean_regret_se"]]
+    lines.append(f"autotransfer within one paired SE of the cell's best (mean over seeds) in {len(within_se)} of {len(rows)} cells.")
+    means = summary.get("mean_accuracy") or {}
+    if "autotransfer" in means:
+        others = sorted(((v, k) for k, v in means.items() if k != "autotransfer"), reverse=True)
+        above = [k for v, k in others if means["autotransfer"] > v]
+        lines.append(f"Mean held-out accuracy over every cell and seed: autotransfer {means['autotransfer']:.3f}; "
+                     f"the best single recipe {others[0][1]} {others[0][0]:.3f}; autotransfer above "
+                     f"{len(above)} of {len(others)} single recipes." if others else "")
     if summary["incomplete"]:
         lines.append("Not in every seed's report (left out): " + ", ".join(summary["incomplete"]) + ".")
     return lines
@@ -971,6 +1022,14 @@ def format_seed_summary(summary: dict) -> str:
             "-" if r["below_best_fixed"] is None else f"{r['below_best_fixed']:+.1f}",
             {"yes": "yes", "no": "**no**", "unclear": "unclear", None: "-"}[_verdict(mean["autotransfer"], r.get("mean_regret_se"))],
         ]) + " |")
+    means = summary.get("mean_accuracy") or {}
+    if means:
+        lines += ["", "Mean held-out accuracy of each row over every cell and seed (rows every cell has):", "",
+                  "| row | mean accuracy | vs autotransfer (points) |", "|---|---|---|"]
+        auto = means.get("autotransfer")
+        for name, value in sorted(means.items(), key=lambda kv: -kv[1]):
+            gap = "-" if auto is None or name == "autotransfer" else f"{100 * (auto - value):+.1f}"
+            lines.append(f"| {SHORT.get(name, name)} | {value:.3f} | {gap} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ import click
 from autotransfer import __version__, api
 from autotransfer.backbones import DEFAULT_BACKBONE
 from autotransfer.errors import AutotransferError, DataError, Interrupted, UsageError, interruptible, user_file_error
-from autotransfer.plan import AUGMENTS, BN_MODES, STRATEGIES, Plan, check_number, ranked_lines
+from autotransfer.plan import ACCELERATORS, AUGMENTS, BN_MODES, PRECISIONS, STRATEGIES, Compute, check_number, ranked_lines
 
 
 class _Command(click.Command):
@@ -125,6 +125,22 @@ _PLAN_OPTIONS = [
 ]
 
 
+def _compute_options(command):
+    """Where fit trains (`plan.Compute`); not given: the --plan's own, else auto, 1, 32."""
+    options = [
+        click.option("--accelerator", type=click.Choice(ACCELERATORS), default=None,
+                     help="Lightning's accelerator for every trained stage. [default: auto, or the --plan's]"),
+        click.option("--devices", default=None, metavar="N|auto",
+                     callback=lambda ctx, param, value: None if value is None else Compute.parse_devices(value),
+                     help="How many of its devices: a count or auto (all); more than one trains with DDP, one process each. [default: 1, or the --plan's]"),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="32, or mixed precision: bf16-mixed (recent GPUs, CPUs) or 16-mixed (GPUs). [default: 32, or the --plan's]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _plan_options(command):
     for option in reversed(_PLAN_OPTIONS):
         command = option(command)
@@ -136,6 +152,7 @@ def _plan_options(command):
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
               help="Skip the decision: frozen (head on cached features), partial (fine-tune above --cut) or full. [default: autotransfer decides]")
 @_plan_options
+@_compute_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, help="Run a saved plan.json (other plan options are ignored).")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Search: number of trials (the rules' best N first, then sampled ones). [default: every frozen Plan the rules rank and their first 3 fine-tuning Plans]")
 @click.option("--time-budget", default=None, help="Search: stop starting trials after this long, e.g. 90s, 10m, 1h (an upper bound: the decision then depends on how fast the machine is). [default: none; the count of --trials]")
@@ -146,9 +163,14 @@ def _plan_options(command):
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="RUN folder [default: runs/<data>-<strategy or auto>].")
 @click.option("--no-progress", is_flag=True, help="No progress bars [default: bars only when stdout and stderr are terminals].")
 @click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and the result (for scripts): no progress lines or bars.")
+@click.option("--verbose", "-v", is_flag=True, help="Every ranked Plan's reasons, and the search's own lines about each trial.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout; progress lines go to stderr.")
+@click.option("--logger", type=click.Choice(list(api.LOGGERS)), default="csv",
+              help="Lightning's logger of each training stage: CSV, TensorBoard (pip install 'autotransfer[tensorboard]') or MLflow (pip install 'autotransfer[mlflow]'; MLFLOW_TRACKING_URI, else RUN/logs/mlruns).")
 def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | None,
         time_budget: str | None, storage: str | None, max_images: int, resume: bool, overwrite: bool,
-        out: Path | None, no_progress: bool, quiet: bool, backbones: tuple[str, ...], **options) -> None:
+        out: Path | None, no_progress: bool, quiet: bool, verbose: bool, as_json: bool, logger: str,
+        backbones: tuple[str, ...], **options) -> None:
     """Train the best classifier for DATA and write the RUN folder.
 
     Without --strategy or --plan, autotransfer decides: it profiles DATA (size, quality,
@@ -164,43 +186,41 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     RUN/metrics.json     accuracy, balanced accuracy, macro-F1, per-class accuracy, confusion matrix
     RUN/profile.json     the leading backbone's profile (search only; RUN/profiles/ holds every candidate's)
     RUN/leaderboard.csv  every trial (search only); RUN/study.db the Optuna study
-    RUN/logs/            Lightning CSV logs per stage
+    RUN/logs/            Lightning logs per stage (CSV; TensorBoard or MLflow with --logger)
 
     A RUN holds one run: fit refuses a non-empty --out unless --overwrite; --resume
     refuses other data. Ctrl-C prints what was kept and where, and exits with 130.
     """
+    from autotransfer.terminal import Screen
+
     api.quiet_frameworks()
     _echo_failures()
-    shown = dict(progress=_progress(no_progress or quiet), log=None if quiet else click.echo, warn=_warn)
-    if resume:
-        run = api.fit(data, out, resume=True, overwrite=overwrite, **shown)
-        _echo_decision(run.plan, run.path)
-        return
-    chosen = dict(plan=plan_file) if plan_file else dict(strategy=strategy, backbone=backbones, **options)
-    run = api.fit(data, out, trials=trials, time_budget=time_budget, storage=storage, max_images=max_images,
-                  overwrite=overwrite, **chosen, **shown)
-    _echo_result(run.metrics, run.seconds, run.path)
-    if not (plan_file or strategy):
-        _echo_decision(run.plan, run.path)
+    progress = False if as_json else _progress(no_progress or quiet)
+    screen = Screen(live=api.wants_progress(progress), verbose=verbose, quiet=quiet, stderr=as_json)
+    shown = dict(progress=progress, log=screen.log, warn=screen.warn, ranked=screen.ranked, watch=screen.watch,
+                 logger=logger)
+    compute = {name: options.pop(name) for name in ("accelerator", "devices", "precision")}
+    chosen = dict(resume=True) if resume else dict(plan=plan_file) if plan_file else dict(
+        strategy=strategy, backbone=backbones, trials=trials, time_budget=time_budget, storage=storage,
+        max_images=max_images, **options)
+    with screen:
+        run = api.fit(data, out, overwrite=overwrite, **chosen, **shown, **compute)
+    decided = not (plan_file or strategy)
+    if as_json:
+        click.echo(json.dumps(_fit_result(run, decided), indent=2))
+    else:
+        screen.summary(run, decided)
 
 
-def _echo_result(metrics: dict, seconds: float, out: Path) -> None:
-    val = metrics["val"]
-    click.echo(
-        f"done in {seconds:.0f}s: val accuracy {val['accuracy']:.4f}, balanced {val['balanced_accuracy']:.4f}, "
-        f"macro-F1 {val['macro_f1']:.4f}"
-        + (f"; test accuracy {metrics['test']['accuracy']:.4f}" if "test" in metrics else "")
-    )
-    click.echo(f"run saved in {out}/ (model.pt, plan.json, metrics.json)")
-
-
-def _echo_decision(plan: Plan, out: Path) -> None:
-    from autotransfer.plan import describe
-
-    click.echo(f"decision: {describe(plan)}")
-    for reason in plan.reasons:
-        click.echo(f"  - {reason}")
-    click.echo(f"all trials: {out}/leaderboard.csv")
+def _fit_result(run: api.Run, decided: bool) -> dict:
+    """fit's result for scripts: the Plan, its scores, the time and where the files are."""
+    metrics = run.metrics or {}
+    scores = {split: {key: metrics[split][key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
+              for split in ("val", "test") if split in metrics}
+    files = {name: str(run.path / name) for name in ("model.pt", "plan.json", "metrics.json", "leaderboard.csv")
+             if (run.path / name).is_file()}
+    return {"run": str(run.path), "decided": decided, "plan": asdict(run.plan), **scores,
+            "seconds": run.seconds, "files": files}
 
 
 @main.command("plan")
@@ -210,18 +230,23 @@ def _echo_decision(plan: Plan, out: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("plan.json"), help="Where to write the top-ranked Plan.")
 @click.option("--no-progress", is_flag=True, help="No progress bars [default: bars only when stdout and stderr are terminals].")
 @click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and the ranked Plans (for scripts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked Plans (with their reasons) as one JSON list on stdout; progress lines go to stderr.")
 def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: Path, no_progress: bool, quiet: bool,
-                 **options) -> None:
+                 as_json: bool, **options) -> None:
     """Profile DATA and print the ranked Plans with their reasons; write the top one.
 
     `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
     """
+    log = None if quiet else _warn if as_json else click.echo
     plans = api.plan(data, backbone=backbones, max_images=max_images, progress=_progress(no_progress or quiet),
-                     log=None if quiet else click.echo, warn=_warn, **options)
+                     log=log, warn=_warn, **options)
+    plans[0].save(out)
+    if as_json:
+        click.echo(json.dumps([asdict(plan) for plan in plans], indent=2))
+        return
     click.echo("ranked plans:")
     for line in ranked_lines(plans):
         click.echo(line)
-    plans[0].save(out)
     click.echo(f"top plan written to {out}; run it with `autotransfer fit {data} --plan {out}`")
 
 
@@ -240,6 +265,19 @@ def worker(run: Path) -> None:
     with interruptible(lambda: _worker_kept(run)):
         continue_search(run, adopt=False, log=click.echo)
     click.echo(f"no queued trial left in {run}'s study")
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface of this machine).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080)
+def dashboard(run: Path, host: str, port: int) -> None:
+    """Open the Optuna study of RUN's search in optuna-dashboard: every trial with its
+    parameters, scores per epoch, pruning and parameter importances. Serves until Ctrl-C.
+    Needs optuna-dashboard (pip install 'autotransfer[dashboard]')."""
+    from autotransfer.dashboard import serve
+
+    serve(run, host, port, log=click.echo)
 
 
 def _worker_kept(run: Path) -> str:
@@ -405,7 +443,8 @@ def demo_data(out: Path, size: int) -> None:
 @click.option("--seed", type=int, callback=_plan_field, default=0, help="Seed of the sample and of the validation split drawn when DATA has no val/.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("profile.json"), help="Where to write the profile.")
 @click.option("--no-progress", is_flag=True, help="No progress bar [default: a bar only when stdout and stderr are terminals].")
-def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as one JSON document on stdout (what OUT holds).")
+def profile(data: Path, out: Path, no_progress: bool, as_json: bool, **options) -> None:
     """Measure DATA for a backbone: size, images, quality, distance to ImageNet per depth.
 
     One scan of every file and one forward pass over (a sample of) train+val; test/ is
@@ -418,6 +457,9 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 
     result = api.profile(data, progress=_progress(no_progress), **options)
     result.save(out)
+    if as_json:
+        click.echo(result.to_json())
+        return
     click.echo(format_profile(result))
     click.echo(f"profile saved to {out}")
 
@@ -438,10 +480,11 @@ def profile(data: Path, out: Path, no_progress: bool, **options) -> None:
 @click.option("--seed", type=int, callback=_plan_field, default=0, help="Seed of subsamples, splits and training.")
 @click.option("--keep-models", is_flag=True, help="Keep every recipe's model.pt under OUT/runs/ (large).")
 @click.option("--uncapped", is_flag=True, help="With --quick: keep every image of train, val and test (quick epochs and resolution, full size).")
+@click.option("--coarse-grid", is_flag=True, help="Fine-tuning grid = the middle cut and full (as --quick does) instead of every cut: a full-size bench within a GPU-hour.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")
 @click.option("--no-progress", is_flag=True, help="Accepted for symmetry with fit; bench prints one line per recipe.")
 def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed: int, keep_models: bool,
-          uncapped: bool, out: Path, no_progress: bool, **options) -> None:
+          uncapped: bool, coarse_grid: bool, out: Path, no_progress: bool, **options) -> None:
     """Compare autotransfer's choice with fixed recipes and a per-depth grid on DATA...
 
     For every dataset and every --per-class size: a scikit-learn linear probe at every
@@ -466,7 +509,7 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     api.quiet_frameworks()
     sizes = parse_sizes(per_class)
     make = BenchSettings.quick_mode if quick else BenchSettings.full_mode
-    settings = make(seed=seed, keep_models=keep_models, **options)
+    settings = make(seed=seed, keep_models=keep_models, **options, **({"coarse_cuts": True} if coarse_grid else {}))
     if uncapped:
         settings = replace(settings, train_cap=None, val_cap=None, test_cap=None)
     command = _command_line(click.get_current_context(), ["autotransfer", "bench", *map(str, data)])

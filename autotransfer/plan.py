@@ -20,6 +20,8 @@ from autotransfer.errors import PlanError
 STRATEGIES = ("frozen", "partial", "full")
 BN_MODES = ("frozen", "train")
 AUGMENTS = ("crop", "strong")  # features.train_transform
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 
 # What each numeric field must be, besides finite. Plan checks them all; the CLI's options
@@ -52,6 +54,36 @@ def check_number(name: str, value: float | None, label: str | None = None) -> No
     test, expected = LIMITS[name]
     if not test(value):
         raise PlanError(f"{label} must be {expected}, but got {value}")
+
+
+@dataclass
+class Compute:
+    """Where and in what precision a Plan trains, not what it trains: Lightning's Trainer
+    takes these as they are. More than one device trains with DDP, one process each, and
+    the Plan's batch_size stays the batch of one step (each device takes a share), so a
+    Plan means the same on one device or eight. Whether this machine has what they name is
+    checked when training starts (`train.trainer_devices`)."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1  # or "auto": every device of the accelerator
+    precision: str = "32"
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ACCELERATORS:
+            raise PlanError(f"accelerator must be one of {', '.join(ACCELERATORS)}, but got {self.accelerator!r}")
+        if self.devices != "auto" and (not isinstance(self.devices, int) or isinstance(self.devices, bool) or self.devices < 1):
+            raise PlanError(f"devices must be a whole number of at least 1 or 'auto', but got {self.devices!r}")
+        if self.precision not in PRECISIONS:
+            raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, but got {self.precision!r}")
+
+    @classmethod
+    def parse_devices(cls, text: str) -> int | str:
+        """--devices as typed: 'auto' or a count; PlanError naming the option otherwise."""
+        value = text.strip()
+        try:
+            return cls(devices=int(value) if value.isdigit() else value).devices
+        except PlanError as exc:
+            raise PlanError(f"--{exc}") from None
 
 
 @dataclass
@@ -91,8 +123,15 @@ class Plan:
     val_fraction: float = 0.2
     seed: int = 0
     reasons: list[str] = field(default_factory=list)
+    compute: Compute = field(default_factory=Compute)  # how to run it, not what: `fit --plan` may replace it
 
     def __post_init__(self) -> None:
+        if isinstance(self.compute, dict):  # from plan.json or search.json
+            known = [f.name for f in fields(Compute)]
+            unknown = sorted(set(self.compute) - set(known))
+            if unknown:
+                raise PlanError(f"compute has unknown keys {unknown}; known: {known}")
+            self.compute = Compute(**self.compute)
         self._check_types()
         if self.strategy not in STRATEGIES:
             raise PlanError(f"strategy must be one of {', '.join(STRATEGIES)}, but got '{self.strategy}'")
@@ -129,6 +168,7 @@ class Plan:
             str: ("backbone", "strategy", "bn_mode", "weights", "augment"),
             bool: ("all_levels", "class_weighting", "lp_init", "refit"),
             list: ("reasons",),
+            Compute: ("compute",),
         }
         for kind, names in kinds.items():
             for name in names:

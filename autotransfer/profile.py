@@ -690,8 +690,7 @@ def _store_top_features(
             return stored
         path = cache_path(spec.architecture, wid, None, prep, scan.content_hash(split))
         if not path.is_file():
-            labels = torch.tensor([r.label for r in records], dtype=torch.long)
-            store_features(path, pre_logits[start:start + len(records)].clone(), labels)
+            store_features(path, pre_logits[start:start + len(records)])
             stored = True
         start += len(records)
     return stored

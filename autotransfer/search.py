@@ -21,10 +21,11 @@ import socket
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 
@@ -536,6 +537,70 @@ def fill_queue(study: optuna.Study, trials: int) -> None:
         study.enqueue_trial({}, user_attrs={"queued": True})
 
 
+@dataclass
+class TrialRecord:
+    """A trial this process finished, in plain data for a display (`watch_search`)."""
+
+    number: int
+    plan: Plan
+    score: float | None  # the objective; None when pruned
+    cross_validated: bool  # score is a k-fold CV balanced accuracy on every labelled image, else val's
+    seconds: float
+    pruned_at: int | None = None  # the step (epoch) it was pruned after
+
+
+@dataclass
+class SearchProgress:
+    """Where a search run by this process stands: sent when it starts (`trial` None) and
+    after each trial it finishes (`watch_search`)."""
+
+    finished: int  # trials of the study finished by any worker, complete or pruned
+    planned: int | None  # None: as many as the time budget allows
+    budget_left: float | None  # seconds; None without a time budget
+    trial: TrialRecord | None = None
+
+
+_watchers: list[Callable[[SearchProgress], None]] = []
+
+
+@contextmanager
+def watch_search(callback: Callable[[SearchProgress], None] | None) -> Iterator[None]:
+    """Send `callback` a SearchProgress when a search starts in this process and after each
+    of its trials (fit's progress bar and trial lines). A hook rather than an argument:
+    the search runs several calls below the fit that displays it. None watches nothing."""
+    if callback is not None:
+        _watchers.append(callback)
+    try:
+        yield
+    finally:
+        if callback is not None:
+            _watchers.remove(callback)
+
+
+def _notifier(config: SearchConfig, deadline: float | None) -> Callable:
+    """An Optuna callback telling the watchers about each finished trial (a surplus one,
+    which never ran, is FAIL and not told)."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def notify(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
+        if not _watchers or (trial is not None and (trial.state not in done or "plan" not in trial.user_attrs)):
+            return
+        pruned = trial is not None and trial.state == optuna.trial.TrialState.PRUNED
+        record = None if trial is None else TrialRecord(
+            trial.number, Plan(**trial.user_attrs["plan"]), None if pruned else trial.value,
+            "cv_predictions" in trial.user_attrs, trial.duration.total_seconds() if trial.duration else 0.0,
+            max(trial.intermediate_values, default=None) if pruned else None,
+        )
+        progress = SearchProgress(
+            len(study.get_trials(deepcopy=False, states=done)), config.trials,
+            None if deadline is None else max(0.0, deadline - time.monotonic()), record,
+        )
+        for watcher in list(_watchers):
+            watcher(progress)
+
+    return notify
+
+
 def run_search(
     study: optuna.Study, config: SearchConfig, run_dir: Path, run_trial: TrialRunner,
     wait: Callable[[str], None] | None = None,
@@ -549,8 +614,10 @@ def run_search(
     """
     objective = make_objective(config, run_dir, run_trial)
     deadline = None if config.time_budget is None else time.monotonic() + config.time_budget
+    notify = _notifier(config, deadline)
+    notify(study, None)
     if config.trials is None:
-        study.optimize(objective, timeout=config.time_budget, gc_after_trial=True)
+        study.optimize(objective, timeout=config.time_budget, gc_after_trial=True, callbacks=[notify])
 
     def runnable() -> bool:
         return config.trials is not None and bool(_waiting(study)) and (deadline is None or time.monotonic() < deadline)
@@ -558,7 +625,7 @@ def run_search(
     said = False
     while True:
         while runnable():
-            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True, callbacks=[notify])
         if wait is None:
             return
         requeue_interrupted(study, config.grace_seconds)

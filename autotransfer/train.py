@@ -11,6 +11,7 @@ import copy
 import json
 import platform
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,12 +23,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from autotransfer import __version__
 from autotransfer.backbones import BackboneSpec, get_backbone
 from autotransfer.checkpoint import MODEL_FILE, save_model
 from autotransfer.data import DatasetScan
+from autotransfer.errors import PlanError
 from autotransfer.features import (
     cached_features,
     eval_transform,
@@ -36,7 +38,7 @@ from autotransfer.features import (
     weights_id,
 )
 from autotransfer.metrics import balanced_accuracy, classification_report
-from autotransfer.plan import Plan
+from autotransfer.plan import Compute, Plan
 from autotransfer.probe import ProbeFit, cv_splits, fit_probe
 from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, build_net
 
@@ -60,12 +62,17 @@ def finetune_batch_size(plan: Plan, n_train: int) -> int:
     return max(2, min(plan.batch_size, n_train // MIN_STEPS_PER_EPOCH))
 
 
-def finetune_loader(records: list, prep: Preprocessing, plan: Plan) -> DataLoader:
+def finetune_loader(records: list, prep: Preprocessing, plan: Plan, devices: int = 1) -> DataLoader:
     """Shuffled, augmented batches of at least MIN_STEPS_PER_EPOCH per epoch; a last batch
-    of one image is dropped (BatchNorm in train mode cannot normalise a single image)."""
-    batch = finetune_batch_size(plan, len(records))
+    of one image is dropped (BatchNorm in train mode cannot normalise a single image).
+
+    On several `devices` (DDP) each device takes its share of every batch, so that a step
+    sees the Plan's batch and an epoch has as many steps as on one; Lightning's
+    DistributedSampler pads each device's share of the images to the same count."""
+    batch = max(2, -(-finetune_batch_size(plan, len(records)) // devices))
+    share = -(-len(records) // devices)
     return image_loader(records, train_transform(prep, plan.augment), batch, True, plan.seed,
-                        drop_last=len(records) % batch == 1)
+                        drop_last=share % batch == 1)
 
 
 def finetune_wins(finetune_score: float, head_score: float, n_val: int) -> bool:
@@ -101,7 +108,26 @@ class ClassifierTask(pl.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_targets: list[torch.Tensor] = []
         self.train_losses: list[float] = []
+        self.val_scores: list[float] = []  # val balanced accuracy after each epoch
+        self.last_logits: torch.Tensor | None = None  # val logits and accuracy of the last epoch
+        self.last_acc = -1.0
         self.report = report  # report(epoch, val balanced accuracy) after each epoch; may raise
+
+    # What fitting found, carried in state_dict(): a spawned DDP worker hands its state dict
+    # back to the main process when it ends (Lightning's launcher), and with it this.
+    OUTCOME = ("best_score", "best_acc", "best_loss", "best_state", "best_logits", "best_epoch",
+               "train_losses", "val_scores", "last_logits", "last_acc")
+
+    def get_extra_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.OUTCOME}
+
+    def set_extra_state(self, state: dict) -> None:
+        for name in self.OUTCOME:
+            setattr(self, name, state[name])
+
+    def __getstate__(self) -> dict:
+        """A DDP worker gets no `report`: it runs in another process (fit reports afterwards)."""
+        return {**super().__getstate__(), "report": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -110,26 +136,30 @@ class ClassifierTask(pl.LightningModule):
         x, y = batch
         loss = self.loss(self(x), y)
         self.train_losses.append(float(loss.detach()))
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val_loss", self.loss(logits, y), prog_bar=False, on_epoch=True)
+        self.log("val_loss", self.loss(logits, y), prog_bar=False, on_epoch=True, sync_dist=True)
         self._val_logits.append(logits.detach().float().cpu())
         self._val_targets.append(y.cpu())
 
     def on_validation_epoch_end(self) -> None:
         logits, targets = torch.cat(self._val_logits), torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
+        if self.trainer.world_size > 1:  # every device scores all of val, so all choose the same epoch
+            logits, targets = self._all_val(logits), self._all_val(targets)
         acc = float((logits.argmax(1) == targets).float().mean())
         score = balanced_accuracy(logits, targets)
         loss = float(nn.functional.cross_entropy(logits, targets))
-        self.log("val_acc", acc, prog_bar=True)
-        self.log("val_balanced_acc", score)
+        self.log("val_acc", acc, prog_bar=True, sync_dist=True)
+        self.log("val_balanced_acc", score, sync_dist=True)
         if self.trainer.sanity_checking:
             return
+        self.val_scores.append(score)
+        self.last_logits, self.last_acc = logits, acc
         if self.report is not None:
             self.report(self.current_epoch, score)
         # ties (common on small val sets) go to the lower loss: a better calibrated head
@@ -138,6 +168,12 @@ class ClassifierTask(pl.LightningModule):
             self.best_logits = logits
             self.best_epoch = self.current_epoch
             self.best_state = copy.deepcopy(self.module.state_dict())
+
+    def _all_val(self, share: torch.Tensor) -> torch.Tensor:
+        """This device's rows of val joined with the others', in val order: Lightning's
+        DistributedSampler deals image i to device i % world and pads the end with the first."""
+        rows = self.all_gather(share.to(self.device)).cpu()  # (world, share, ...)
+        return rows.transpose(0, 1).reshape(-1, *share.shape[1:])[: len(self.trainer.val_dataloaders.dataset)]
 
     def restore_best(self) -> None:
         if self.best_state is not None:
@@ -164,20 +200,81 @@ class OnInterrupt(pl.Callback):
         self.save = save
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, KeyboardInterrupt) and self.save is not None:
             self.save()
+
+    def __getstate__(self) -> dict:
+        """DDP workers save nothing: the main process has the weights to keep (fit)."""
+        return {"save": None}
+
+
+# Lightning's logger for every stage trained: "csv", "tensorboard" or "mlflow" (`fit
+# --logger`; api.fit checks the package is there). A context variable, not an argument:
+# a search's trials are trained several calls below the fit that chooses it.
+LOGGER: ContextVar[str] = ContextVar("autotransfer_logger", default="csv")
+
+
+def stage_logger(out: Path, stage: str) -> pl.loggers.Logger:
+    """One stage's logger: RUN/logs/<stage>/ holds its metrics.csv or TensorBoard events;
+    an MLflow run is named <RUN>/<stage> (in MLFLOW_TRACKING_URI, else RUN/logs/mlruns)."""
+    kind = LOGGER.get()
+    if kind == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(out / "logs", name=stage, version="", default_hp_metric=False)
+    if kind == "mlflow":
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger("autotransfer", run_name=f"{out.name}/{stage}", save_dir=str(out / "logs" / "mlruns"))
+    return CSVLogger(out / "logs", name=stage, version="")
+
+
+def trainer_devices(compute: Compute) -> int:
+    """How many devices `compute` trains on here; PlanError, in one line and before any
+    work, where this machine has not got them or fp16 would run on a CPU."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.accelerators import CPUAccelerator
+
+    if compute.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PlanError(f"accelerator {compute.accelerator!r} needs a GPU, and torch sees none on this machine "
+                        "(torch.cuda.is_available() is False); use --accelerator auto (a GPU where there is one) or cpu")
+    try:
+        probe = pl.Trainer(accelerator=compute.accelerator, devices=compute.devices, logger=False,
+                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, RuntimeError, ValueError) as exc:
+        raise PlanError(f"cannot train on accelerator {compute.accelerator!r} with devices {compute.devices!r} here: "
+                        f"{' '.join(str(exc).split())}; use fewer --devices, or --devices auto") from None
+    if compute.precision == "16-mixed" and isinstance(probe.accelerator, CPUAccelerator):
+        raise PlanError("precision 16-mixed (fp16 autocast) needs a GPU, and this run trains on the CPU; "
+                        "use --precision bf16-mixed (the CPU's mixed precision) or 32")
+    return probe.num_devices
+
+
+def main_device(compute: Compute) -> str:
+    """Where this process puts the network (features, the linear probe, test): the GPU if
+    there is one, unless `compute` says otherwise."""
+    return "cuda" if torch.cuda.is_available() and compute.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
 def _trainer(
     out: Path, stage: str, epochs: int, callbacks: list[pl.Callback], progress: bool,
-    max_seconds: float | None = None,
+    max_seconds: float | None = None, compute: Compute | None = None,
 ) -> pl.Trainer:
+    """A stage's Trainer. On several devices: DDP, its workers started afresh (spawn) for
+    this stage alone, so that the run or search around it stays in this process (`_fit`).
+    Frozen parameters do not require grad, so DDP looks for no unused ones."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    compute = compute or Compute()
+    several = trainer_devices(compute) > 1
     return pl.Trainer(
         max_epochs=epochs,
         max_time=None if max_seconds is None else timedelta(seconds=max(1.0, max_seconds)),
-        accelerator="auto",
-        devices=1,
-        logger=CSVLogger(out / "logs", name=stage, version=""),
+        accelerator=compute.accelerator,
+        devices=compute.devices,
+        precision=compute.precision,
+        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=False) if several else "auto",
+        logger=stage_logger(out, stage),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -186,6 +283,27 @@ def _trainer(
         log_every_n_steps=1,
         deterministic=False,
     )
+
+
+def _fit(trainer: pl.Trainer, task: ClassifierTask, *loaders: DataLoader) -> None:
+    """trainer.fit. DDP workers get the network from the CPU (not CUDA memory shared with
+    this process) and hand back what they found (`ClassifierTask.OUTCOME`); the network then
+    returns to its device, and `task.report` hears each epoch's score, late."""
+    if trainer.world_size == 1:
+        trainer.fit(task, *loaders)
+        return
+    for loader in loaders:  # Lightning gives each worker a DistributedSampler seeded by seed_everything
+        # instead: a torch.Generator sent to a spawned worker is shared as a temporary
+        # tensor whose file descriptor is closed before the worker starts
+        loader.generator = None
+        if isinstance(loader.sampler, RandomSampler):
+            loader.sampler.generator = None
+    device = next(task.parameters()).device
+    trainer.fit(task.cpu(), *loaders)
+    task.to(device)
+    if task.report is not None:  # a pruned trial stops here, after its fine-tuning
+        for epoch, score in enumerate(task.val_scores):
+            task.report(epoch, score)
 
 
 @dataclass
@@ -225,9 +343,12 @@ def backbone_param_groups(net: TransferNet, plan: Plan) -> list[dict]:
 def fit(
     scan: DatasetScan, plan: Plan, out: str | Path, progress: bool = True,
     log: Callable[[str], None] = print, report: Callable[[int, float], None] | None = None,
-    max_seconds: float | None = None, evaluate_test: bool = True,
+    max_seconds: float | None = None, evaluate_test: bool = True, select_on_val: bool = True,
 ) -> FitResult:
     """Train what `plan` says on `scan`, write the RUN folder `out`, return its metrics.
+
+    `select_on_val` False (a cross-validation fold): fine-tuning keeps its last epoch and
+    val only scores it, because a model chosen on the images it is scored on is flattered.
 
     `report(step, val_balanced_accuracy)` gets the head's best as step 0, then every
     fine-tuning epoch's as steps 1, 2, ...; it may raise to stop the run (pruning).
@@ -238,6 +359,7 @@ def fit(
     is off); its val scores are then the out-of-fold ones.
     """
     start = time.perf_counter()
+    trainer_devices(plan.compute)  # before any work: this machine has what plan.compute names
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_backbone(plan.backbone)
@@ -247,7 +369,7 @@ def fit(
     plan.save(out / "plan.json")
     _write_scan(scan, out / "scan.json")
     pl.seed_everything(plan.seed, verbose=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = main_device(plan.compute)
     net.to(device)
 
     def save() -> None:
@@ -321,6 +443,8 @@ def fit(
         def keep_better_stage() -> str:
             """Model selection on validation: the fine-tuned weights only if they won by
             MIN_FINETUNE_GAIN_IMAGES, else the head on the pretrained backbone."""
+            if not select_on_val:
+                return "finetuned"  # the last epoch's weights, as trained
             if finetune_wins(ft_task.best_score, head_score, len(val_y)):
                 ft_task.restore_best()
                 return "finetuned"
@@ -333,15 +457,20 @@ def fit(
             else:
                 save_interrupted("finetune", stages.get("head_val_accuracy"), stages.get("head_val_balanced_accuracy"))
 
-        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left)
-        train_loader = finetune_loader(scan.splits["train"], prep, plan)
+        trainer = _trainer(out, "finetune", plan.epochs, [OnInterrupt(finetune_interrupted)], progress, left, plan.compute)
+        train_loader = finetune_loader(scan.splits["train"], prep, plan, trainer.world_size)
         val_loader = image_loader(scan.splits["val"], eval_transform(prep), plan.batch_size)
-        trainer.fit(ft_task, train_loader, val_loader)
+        _fit(trainer, ft_task, train_loader, val_loader)
         stages["finetune_val_accuracy"] = ft_task.best_acc
         stages["finetune_val_balanced_accuracy"] = ft_task.best_score
         stages["finetune_best_epoch"] = ft_task.best_epoch + 1  # epochs run to reach it
         kept = keep_better_stage()
-        if kept == "finetuned":
+        if not select_on_val and ft_task.last_logits is not None:
+            val_logits = ft_task.last_logits
+            stages["finetune_val_accuracy"], stages["finetune_val_balanced_accuracy"] = ft_task.last_acc, ft_task.val_scores[-1]
+            stages["finetune_epochs"] = len(ft_task.val_scores)
+            log(f"fine-tuned ({plan.strategy}), last epoch: val accuracy {ft_task.last_acc:.4f}, balanced {ft_task.val_scores[-1]:.4f}")
+        elif kept == "finetuned":
             val_logits = ft_task.best_logits
             log(f"fine-tuned ({plan.strategy}): val accuracy {ft_task.best_acc:.4f}, balanced {ft_task.best_score:.4f}")
         else:
@@ -394,8 +523,12 @@ def cross_validate(
     scan: DatasetScan, plan: Plan, out: str | Path, log: Callable[[str], None] = print,
 ) -> FitResult:
     """Fine-tuning judged like the frozen probe: its k stratified folds over train + val
-    (`probe.cv_splits`, the same folds for the same seed), each fold's model scored on the images it did not see, then the
-    model refit on all of them for the median best epoch count (`refit`).
+    (`probe.cv_splits`, the same folds for the same seed), each fold's model scored at its
+    last epoch on the images it did not see, then the model refit on all of them for that
+    many epochs (`refit`). No fold picks its best epoch, or its head, on the images it is
+    scored on: on 10 images a fold, the best of 7 candidates there is flattered; at
+    128 px, flowers 10/class, such a CV led the frozen probe by 6 points (0.88 vs 0.82)
+    and lost 7 held-out points to it (benchmarks/results/bench_gpu_128px_seed0.md).
 
     metrics.json "cv" holds the out-of-fold predictions in train + val order, the order a
     frozen trial's probe uses, so the two are compared on the same images."""
@@ -411,22 +544,23 @@ def cross_validate(
     for i, (train_idx, val_idx) in enumerate(splits):
         fold = DatasetScan(scan.root, scan.classes, {"train": [pool[j] for j in train_idx], "val": [pool[j] for j in val_idx]},
                            scan.skipped, scan.layout)
-        result = fit(fold, plan, out / f"fold{i}", progress=False, log=lambda _: None, evaluate_test=False)
+        result = fit(fold, plan, out / f"fold{i}", progress=False, log=lambda _: None, evaluate_test=False,
+                     select_on_val=False)
         logits[torch.as_tensor(val_idx)] = result.val_logits
-        epochs.append(result.metrics["stages"].get("finetune_best_epoch", plan.epochs) if result.metrics["kept"] == "finetuned" else 0)
+        epochs.append(result.metrics["stages"].get("finetune_epochs", plan.epochs))
         log(f"  fold {i + 1} of {folds}: balanced accuracy {result.metrics['val']['balanced_accuracy']:.4f}")
     epochs_refit = int(np.median(epochs))
     in_val = torch.arange(len(pool)) >= len(scan.splits["train"])
     cv_predicted = logits.argmax(1)
     plan.save(out / "plan.json")
-    images = refit(scan, plan, out, epochs_refit)  # 0 epochs: most folds kept their probe, so does the model
+    images = refit(scan, plan, out, epochs_refit)
     metrics = {
         "cv": {"balanced_accuracy": balanced_accuracy(logits, labels), "accuracy": float((cv_predicted == labels).float().mean()),
                "n": len(pool), "folds": folds, "refit": True,
                "predicted": cv_predicted.tolist(), "target": labels.tolist()},
         "val": classification_report(logits[in_val], labels[in_val], scan.classes),
         "val_predictions": {"predicted": cv_predicted[in_val].tolist(), "target": labels[in_val].tolist()},
-        "refit": {"images": images, "epochs": epochs_refit, "fold_best_epochs": epochs},
+        "refit": {"images": images, "epochs": epochs_refit, "fold_epochs": epochs},
         "stages": {}, "kept": "finetuned" if epochs_refit > 0 else "head",
         "seconds": round(time.perf_counter() - start, 2), "versions": _versions(),
         "data_hash": {split: scan.content_hash(split) for split in scan.splits},
@@ -448,7 +582,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
     net = build_net(spec, plan, len(scan.classes))
     prep = Preprocessing.for_plan(spec, plan)
     pl.seed_everything(plan.seed, verbose=False)
-    net.to("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(main_device(plan.compute))
     feats, labels, _ = cached_features(
         net, pool, "train", prep, spec.architecture, weights_id(spec, plan.weights, plan.seed), plan.feature_level,
         progress=progress,
@@ -460,8 +594,8 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
             net, backbone_param_groups(net, plan), plan.weight_decay,
             class_weights(labels, len(scan.classes)) if plan.class_weighting else None, label_smoothing=plan.label_smoothing,
         )
-        loader = finetune_loader(images, prep, plan)
-        _trainer(out, "refit", epochs, [], progress).fit(task, loader)
+        trainer = _trainer(out, "refit", epochs, [], progress, compute=plan.compute)
+        _fit(trainer, task, finetune_loader(images, prep, plan, trainer.world_size))
     net.eval()
     save_model(out / MODEL_FILE, net, spec, plan.feature_level, scan.classes, prep)
     return len(images)

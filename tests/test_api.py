@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -17,6 +18,7 @@ import autotransfer
 from autotransfer import api
 from autotransfer.cli import main
 from autotransfer.errors import AutotransferError, DataError, PlanError, RunError, UsageError
+from autotransfer.plan import Compute
 from conftest import CLASSES, COLOURS, FAST, FAST_CLI, photo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode")
@@ -145,6 +147,9 @@ def test_explicit_fit_and_profile(image_folder: Path, tmp_path: Path) -> None:
     assert run.plan.strategy == "frozen" and run.plan.backbone == "test_resnet" and run.leaderboard == []
     again = autotransfer.fit(image_folder, tmp_path / "again", plan=run.plan, progress=False, log=None)
     assert again.plan == run.plan and again.metrics["val"] == run.metrics["val"]
+    moved = autotransfer.fit(image_folder, tmp_path / "moved", plan=run.plan, accelerator="cpu", precision="bf16-mixed",
+                             progress=False, log=None)  # where and how precisely it runs may change, not what
+    assert moved.plan == replace(run.plan, compute=Compute("cpu", 1, "bf16-mixed"))
 
     profile = autotransfer.profile(image_folder, "test_efficientnet", weights="random", image_size=32, max_images=12,
                                    progress=False)
@@ -156,7 +161,10 @@ def test_explicit_fit_and_profile(image_folder: Path, tmp_path: Path) -> None:
     (lambda d, t: autotransfer.fit(d, t, strategy="frozen", lrr=0.1), UsageError, r"unknown option\(s\) lrr; the options are Plan fields"),
     (lambda d, t: autotransfer.fit(d, t, plan=t / "p.json", strategy="full"), UsageError, r"plan= runs a saved Plan as it is, so strategy would be ignored"),
     (lambda d, t: autotransfer.fit(d, resume=True), UsageError, r"--resume needs --out RUN"),
+    (lambda d, t: autotransfer.fit(d, t, logger="wandb"), UsageError, r"logger must be one of csv, tensorboard, mlflow, but got 'wandb'"),
     (lambda d, t: autotransfer.fit(d, t, resume=True, seed=2), UsageError, r"resume continues the search .* so seed would be ignored"),
+    (lambda d, t: autotransfer.fit(d, t, resume=True, devices=2), UsageError, r"resume continues the search .* so compute would be ignored"),
+    (lambda d, t: autotransfer.fit(d, t, strategy="full", devices=0), PlanError, r"devices must be a whole number of at least 1 or 'auto', but got 0"),
     (lambda d, t: autotransfer.fit(d, t, feature_level=2), UsageError, r"--feature-level 2 fix part of a Plan"),
     (lambda d, t: autotransfer.fit(d, t, strategy="frozen", backbone=["test_resnet", "test_vit"]), UsageError, r"train one backbone, but got 2"),
     (lambda d, t: autotransfer.fit(d, t, strategy="frozen", lr=float("nan")), PlanError, r"lr must be a finite number"),

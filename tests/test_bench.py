@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from autotransfer.bench import (
     HOLDOUT_FRACTION, BenchSettings, cap_split, draw_val, duel, has_test_folder, parse_sizes, scan_datasets,
-    score_cell, subsample, summarise_seeds,
+    merge_by_seed, score_cell, subsample, summarise_seeds,
 )
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
@@ -240,7 +241,9 @@ def test_seed_summary_averages_each_cells_regrets_over_seeds(
     same_seed = subprocess.run([sys.executable, str(script), str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x")],
                                capture_output=True, text=True)
     assert same_seed.returncode == 1 and same_seed.stderr.strip() == (
-        "error: need bench reports of at least 2 different seeds, but got seeds [0, 0]")
+        f"error: two bench reports hold {split_folder.name} 4/class of seed 0")
+    with pytest.raises(DataError, match=r"at least 2 different seeds, but got seeds \[0\]"):
+        summarise_seeds(merge_by_seed(reports[:1]))
     reports[1]["settings"]["epochs"] += 1
     with pytest.raises(DataError, match="differ in more than the seed: epochs"):
         summarise_seeds(reports)
@@ -315,3 +318,27 @@ def test_autotransfer_row_can_choose_among_backbones_as_fit_does(
     assert sorted(SearchConfig.load(tmp_path / "run").backbones) == ["test_efficientnet", "test_resnet"]
     assert sorted(p.name for p in (tmp_path / "run" / "profiles").glob("*.json")) == [
         "test_efficientnet.json", "test_resnet.json"]
+
+
+def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(split_folder: Path, tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_parallel.py"
+    env = {**os.environ, "AUTOTRANSFER_CACHE": str(tmp_path / "cache"), "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    command = [sys.executable, str(script), str(split_folder), "--per-class", "4", "--seeds", "0", "1", "--jobs", "2",
+               "--out", str(tmp_path / "par"), "--", "--quick", "--backbone", "test_efficientnet", "--trials", "2", *FAST_CLI]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = json.loads((tmp_path / "par" / "status.json").read_text())
+    assert [(c["seed"], c["status"]) for c in status["cells"]] == [(0, "done"), (1, "done")]
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "par" / "cells").glob("*/bench.json"))]
+    merged = merge_by_seed(reports)
+    assert [r["settings"]["seed"] for r in merged] == [0, 1] and all(len(r["cells"]) == 1 for r in merged)
+    assert summarise_seeds(merged)["rows"][0]["seeds"] == [0, 1]
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env)  # nothing left to run
+    assert again.returncode == 1 and "0 of 2 cells done" in again.stdout
+    assert {c["status"] for c in json.loads((tmp_path / "par" / "status.json").read_text())["cells"]} == {"done earlier"}
+
+    late = [*command[:command.index("--out")], "--deadline", "2", "--out", str(tmp_path / "late"), *command[command.index("--") :]]
+    cut = subprocess.run(late, capture_output=True, text=True, env=env)
+    assert cut.returncode == 1
+    assert {c["status"] for c in json.loads((tmp_path / "late" / "status.json").read_text())["cells"]} == {"killed at the deadline"}

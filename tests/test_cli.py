@@ -376,6 +376,12 @@ ERRORS = {
     "profile-seed-negative": (lambda t, d: ["profile", d, "--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1"),
     "label-smoothing-nan": (lambda t, d: ["fit", d, "--label-smoothing", "nan"], r"--label-smoothing must be a finite number"),
     "val-fraction-1": (lambda t, d: ["fit", d, "--val-fraction", "1"], r"--val-fraction must be between 0 and 1 \(exclusive\), but got 1.0"),
+    # where it trains (plan.Compute), checked on this machine before any work
+    "devices-not-a-count": (lambda t, d: ["fit", d, "--devices", "two"], r"--devices must be a whole number of at least 1 or 'auto', but got 'two'"),
+    "fp16-on-cpu": (
+        lambda t, d: ["fit", d, "--accelerator", "cpu", "--precision", "16-mixed", "--out", t / "run"],
+        r"precision 16-mixed \(fp16 autocast\) needs a GPU, and this run trains on the CPU; use --precision bf16-mixed",
+    ),
     "plan-negative-weight-decay": (
         lambda t, d: ["fit", d, "--plan", _file(t / "p.json", b'{"backbone": "test_resnet", "weight_decay": -0.1}')],
         r"weight_decay must be at least 0, but got -0.1",
@@ -746,3 +752,109 @@ def test_quiet_prints_only_the_result(image_folder, tmp_path):
     planned = ok("plan", image_folder, *PROFILE_CLI, "-q", "--out", tmp_path / "plan.json").stdout.splitlines()
     assert planned[0] == "ranked plans:" and planned[1].startswith("1. test_efficientnet")
     assert planned[-1].startswith("top plan written to ")
+
+
+SEARCH_CLI = ["--backbone", "test_efficientnet", "--trials", "2", "--max-images", "24",
+              *[a for a in FAST_CLI if a != "--no-progress"]]
+
+
+def test_the_quick_start_on_a_terminal_shows_the_ranked_table_the_bar_and_the_decision(image_folder, tmp_path):
+    """`autotransfer fit DATA` in a pseudo-terminal, as a user sees it; the same command
+    piped into a log prints whole plain lines (no carriage return, no colour code) and
+    decides the same."""
+    command = [sys.executable, "-m", "autotransfer", "fit", str(image_folder), *SEARCH_CLI]
+    screen = _in_a_terminal([*command, "--out", str(tmp_path / "tty")])
+    table = screen[screen.index("ranked plans"):screen.index("(every reason")]
+    assert re.search(r"#\s+backbone\s+plan\s+cost\s+why", table), screen
+    assert re.search(r"1\s+test_efficientnet\s+frozen @ top\s+1 pass\s+6 images/class", table), screen
+    assert "trial 0 balanced accuracy 1.0000 (cross-validated)" in screen
+    assert re.search(r"search\s.*2/2 trials", screen), screen
+    box = screen[screen.index("autotransfer fit: done"):]
+    assert re.search(r"decision\s+test_efficientnet, frozen extractor", box), screen
+    assert re.search(r"why\s+won the search: trial \d of 2", box) and f"{tmp_path / 'tty'}/model.pt" in box
+
+    piped = subprocess.run([*command, "--out", str(tmp_path / "log")], capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert b"\r" not in piped.stdout + piped.stderr and b"\x1b" not in piped.stdout + piped.stderr
+    log = piped.stdout.decode().splitlines()
+    assert re.fullmatch(r"1 \| test_efficientnet \| frozen @ top +\| +1 pass \| 6 images/class.*", log[log.index("ranked plans (the rules' order; the search tries them first):") + 3])
+    assert [line for line in log if line.startswith("decision: ")] == [f"decision: {_decision(tmp_path / 'tty')}"]
+    assert (tmp_path / "log" / "plan.json").read_text() == (tmp_path / "tty" / "plan.json").read_text()
+
+
+def _decision(run_dir: Path) -> str:
+    from autotransfer.plan import Plan, describe
+
+    return describe(Plan.load(run_dir / "plan.json"))
+
+
+def _in_a_terminal(command: list[str], columns: int = 120) -> str:
+    """What `command` shows in a pseudo-terminal COLUMNS wide, colour and cursor codes removed."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import termios
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen(command, stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True,
+                               env={**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)})
+    os.close(child_fd)
+    shown = b""
+    try:
+        while True:
+            ready, _, _ = select.select([main_fd], [], [], 300)
+            assert ready, "no output for 300 s"
+            try:
+                chunk = os.read(main_fd, 1 << 16)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main_fd)
+        assert process.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", shown.decode(errors="replace"))
+
+
+def test_json_results_are_one_document_on_stdout(image_folder, tmp_path):
+    out = tmp_path / "run"
+    fitted = ok("fit", image_folder, *SEARCH_CLI, "--json", "--out", out)
+    result = json.loads(fitted.stdout)
+    assert result["decided"] is True and result["plan"] == json.loads((out / "plan.json").read_text())
+    assert result["val"]["balanced_accuracy"] >= 5 / 6 and result["seconds"] > 0 and result["run"] == str(out)
+    assert result["files"] == {name: str(out / name) for name in ("model.pt", "plan.json", "metrics.json", "leaderboard.csv")}
+    assert "ranked plans" in fitted.stderr and "trial 1 balanced accuracy" in fitted.stderr
+
+    planned = ok("plan", image_folder, *PROFILE_CLI, "--json", "--out", tmp_path / "plan.json")
+    plans = json.loads(planned.stdout)
+    assert plans[0] == json.loads((tmp_path / "plan.json").read_text()) and all(p["reasons"] for p in plans)
+    assert f"{image_folder}: 3 classes" in planned.stderr
+
+    profiled = ok("profile", image_folder, *PROFILE_CLI, "--json", "--out", tmp_path / "profile.json")
+    assert json.loads(profiled.stdout) == json.loads((tmp_path / "profile.json").read_text())
+
+
+def test_logger_tensorboard_writes_event_files_and_a_missing_logger_says_what_to_install(image_folder, tmp_path,
+                                                                                         monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    ok("fit", image_folder, "--backbone", "test_resnet", "--strategy", "full", *FAST_CLI, "--logger", "tensorboard",
+       "--out", out)
+    events = EventAccumulator(str(out / "logs" / "finetune"))
+    events.Reload()
+    assert {"val_balanced_acc", "train_loss"} <= set(events.Tags()["scalars"])
+    assert not (out / "logs" / "finetune" / "metrics.csv").exists()
+
+    for logger, package in (("mlflow", "mlflow"), ("tensorboard", "tensorboard")):
+        with monkeypatch.context() as patched:
+            for module in (package, "tensorboardX"):
+                patched.setitem(sys.modules, module, None)  # as if not installed
+            _one_line_error(run("fit", image_folder, "--logger", logger, "--out", tmp_path / logger),
+                            rf"logger {logger} needs the {package} package, which is not installed: "
+                            rf"pip install 'autotransfer\[{logger}\]'$")
+        assert not (tmp_path / logger).exists()

@@ -138,6 +138,17 @@ def test_scan_skips_and_lists_unusable_files(tmp_path):
     assert Counter(r.label for r in scan.splits["train"]) == {0: 12, 1: 12}
 
 
+def test_scan_in_small_chunks_finds_the_same(tmp_path, monkeypatch):
+    """The scan inspects files a chunk at a time (bounded memory on 100,000 files); chunk
+    edges change nothing: same records, labels, order and skipped files."""
+    write_classes(tmp_path, per_class=12, classes={"red": COLOURS["red"], "blue": COLOURS["blue"]})
+    (tmp_path / "red" / "notes.txt").write_text("not an image")
+    whole = scan_folder(tmp_path)
+    monkeypatch.setattr("autotransfer.data.SCAN_CHUNK", 5)
+    chunked = scan_folder(tmp_path)
+    assert chunked.splits == whole.splits and chunked.skipped == whole.skipped
+    assert len(whole.skipped) == 1 and sum(map(len, whole.splits.values())) == 24
+
 def test_placeholder_rule_needs_ten_files_and_few_colours(tmp_path):
     """A GIF is judged only against a class of 10+ files and only when nearly flat."""
     write_classes(tmp_path / "small", per_class=5, classes={"a": COLOURS["red"], "b": COLOURS["blue"]})

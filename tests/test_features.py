@@ -4,13 +4,18 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from autotransfer.backbones import get_backbone
 from autotransfer.data import scan_folder
+from autotransfer.errors import UsageError
 from autotransfer.features import (
+    MAX_WORKERS,
+    WORKERS_ENV,
+    FeatureWriter,
     cache_dir,
     cache_feature_levels,
     cached_features,
@@ -42,7 +47,7 @@ def test_cached_features_are_reused_on_the_second_call(image_folder, isolated_en
     assert feats.shape == (len(scan.splits["train"]), 256)
     assert labels.tolist() == [r.label for r in scan.splits["train"]]
 
-    files = list(cache_dir().glob("*.pt"))
+    files = list(cache_dir().glob("*.npy"))
     assert len(files) == 1 and cache_dir().is_relative_to(isolated_env)  # not ~/.cache
 
     torch.nn.init.zeros_(net.model.conv_stem.weight)  # a recomputation would differ
@@ -107,7 +112,7 @@ def test_changed_feature_level_or_image_size_computes_new_features(image_folder)
     bigger = replace(prep, input_size=48)
     _, _, reused = cached_features(net, scan, "val", bigger, "test_resnet", "w", None, progress=False)
     assert not reused
-    assert len(list(cache_dir().glob("*.pt"))) == 3
+    assert len(list(cache_dir().glob("*.npy"))) == 3
     for level, p in [(None, prep), (2, prep), (None, bigger)]:  # all three now cached
         n = truncated if level == 2 else net
         assert cached_features(n, scan, "val", p, "test_resnet", "w", level, progress=False)[2]
@@ -133,8 +138,52 @@ def test_transforms_give_the_planned_size():
         assert not torch.equal(views[0], views[1])  # random: two views of one image differ
 
 
-def test_tiny_sets_load_in_process():
+def test_tiny_sets_load_in_process(monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
     assert loader_workers(24) == 0
+    assert 2 <= loader_workers(100_000) <= MAX_WORKERS
+
+
+def test_worker_count_can_be_set_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert loader_workers(24) == 3 and loader_workers(100_000) == 3
+    monkeypatch.setenv(WORKERS_ENV, "0")
+    assert loader_workers(100_000) == 0
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(UsageError, match="AUTOTRANSFER_WORKERS.*'many'"):
+        loader_workers(100_000)
+
+
+def test_features_are_written_in_batches_and_read_back_memory_mapped(image_folder):
+    net, scan, prep = setup("test_resnet", image_folder)
+    feats, labels, reused = cached_features(net, scan, "train", prep, "test_resnet", "w", None, batch_size=2, progress=False)
+    assert not reused
+    direct, direct_labels = extract_features(net, scan.splits["train"], prep, progress=False)
+    torch.testing.assert_close(feats, direct)
+    assert torch.equal(labels, direct_labels)
+    (path,) = cache_dir().glob("*.npy")
+    assert isinstance(np.load(path, mmap_mode="r"), np.memmap)
+    feats[:] = 0  # copy-on-write: the caller's copy changes, the file does not
+    again, _, reused = cached_features(net, scan, "train", prep, "test_resnet", "w", None, progress=False)
+    assert reused and torch.equal(again, direct)
+
+
+def test_damaged_or_half_written_cache_files_are_recomputed(image_folder):
+    net, scan, prep = setup("test_resnet", image_folder)
+    feats = cached_features(net, scan, "val", prep, "test_resnet", "w", None, progress=False)[0].clone()
+    (path,) = cache_dir().glob("*.npy")
+    path.write_bytes(path.read_bytes()[:-40])  # truncated (in place: the clone above keeps the old rows)
+    again, _, reused = cached_features(net, scan, "val", prep, "test_resnet", "w", None, progress=False)
+    assert not reused and torch.equal(again, feats)
+
+    with pytest.raises(RuntimeError, match="2 rows written, 5 expected"):
+        with FeatureWriter(cache_dir() / "short.npy", rows=5) as writer:
+            writer.add(torch.ones(2, 3))
+    with pytest.raises(KeyboardInterrupt):
+        with FeatureWriter(cache_dir() / "stopped.npy", rows=5) as writer:
+            writer.add(torch.ones(2, 3))
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in cache_dir().iterdir()) == [path.name]  # nothing half-written left
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet", "test_vit"])
@@ -146,7 +195,7 @@ def test_one_pass_caches_every_level_as_the_truncated_network_computes_it(arch, 
     cached = cache_feature_levels(spec, plan, scan, levels, progress=False)
     if arch != "test_vit":  # CNNs: average pooling of every level's map is what truncation does
         assert sorted(cached, key=str) == sorted(levels, key=str)
-    files = list(cache_dir().glob("*.pt"))
+    files = list(cache_dir().glob("*.npy"))
     assert len(files) == len(cached) * len(scan.splits)
     prep = Preprocessing.for_plan(spec, plan)
     for level in levels:

@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from autotransfer.errors import PlanError
-from autotransfer.plan import LIMITS, Plan, check_number
+from autotransfer.plan import LIMITS, Compute, Plan, check_number
 
 
 def test_defaults_are_a_valid_frozen_plan():
@@ -38,6 +38,12 @@ def test_defaults_are_a_valid_frozen_plan():
         ({"val_fraction": 0.0}, r"val_fraction must be between 0 and 1 \(exclusive\), but got 0.0"),
         ({"seed": -1}, r"seed must be between 0 and 2\*\*32 - 1, but got -1"),
         ({"seed": 2**32}, r"seed must be between 0 and 2\*\*32 - 1, but got 4294967296"),
+        ({"compute": {"accelerator": "npu"}}, r"accelerator must be one of auto, cpu, gpu, cuda, mps, tpu, but got 'npu'"),
+        ({"compute": {"devices": 0}}, r"devices must be a whole number of at least 1 or 'auto', but got 0"),
+        ({"compute": {"devices": "2"}}, r"devices must be a whole number of at least 1 or 'auto', but got '2'"),
+        ({"compute": {"precision": 16}}, r"precision must be one of 32, bf16-mixed, 16-mixed, but got 16"),
+        ({"compute": {"gpus": 2}}, r"compute has unknown keys \['gpus'\]; known: \['accelerator', 'devices', 'precision'\]"),
+        ({"compute": "gpu"}, r"compute has the wrong type: got 'gpu'"),
     ],
 )
 def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):
@@ -48,11 +54,15 @@ def test_inconsistent_plans_are_refused_quoting_the_value(fields, match):
 def test_plan_round_trips_through_json(tmp_path):
     plan = Plan(
         "test_vit", strategy="partial", cut=3, feature_level=4, bn_mode="train", weights="random",
-        image_size=48, epochs=2, lr=0.05, seed=11, reasons=["small data"],
+        image_size=48, epochs=2, lr=0.05, seed=11, reasons=["small data"], compute=Compute("gpu", "auto", "bf16-mixed"),
     )
     plan.save(tmp_path / "plan.json")
-    assert json.loads((tmp_path / "plan.json").read_text())["cut"] == 3
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["cut"] == 3 and data["compute"] == {"accelerator": "gpu", "devices": "auto", "precision": "bf16-mixed"}
     assert Plan.load(tmp_path / "plan.json") == plan
+    del data["compute"]  # a plan.json from before it: one device, fp32
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    assert Plan.load(tmp_path / "plan.json").compute == Compute("auto", 1, "32")
 
 
 def test_loading_a_plan_validates_it(tmp_path):
@@ -91,3 +101,6 @@ def test_options_are_checked_as_plan_fields_naming_the_option():
     with pytest.raises(PlanError, match=r"^--lr must be a finite number, but got nan$"):
         check_number("lr", float("nan"), "--lr")
     assert set(LIMITS) <= {f.name for f in fields(Plan)}
+    assert Compute.parse_devices(" auto ") == "auto" and Compute.parse_devices("4") == 4
+    with pytest.raises(PlanError, match=r"^--devices must be a whole number of at least 1 or 'auto', but got '-1'$"):
+        Compute.parse_devices("-1")

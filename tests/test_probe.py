@@ -11,7 +11,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from autotransfer.probe import C_GRID, fit_probe, folds_for
+from autotransfer.probe import C_GRID, fit_probe, folds_for, stratified_sample
 
 
 def blobs(n: int, d: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,3 +66,43 @@ def test_folds_follow_the_smallest_class():
     assert folds_for(np.array([0] * 50 + [1] * 3)) == 3
     assert folds_for(np.array([0] * 50 + [1] * 50)) == 5
     assert folds_for(np.array([0] * 5 + [1])) == 2  # one image: still two folds
+
+
+def test_features_memory_mapped_and_read_in_blocks_give_the_same_probe(tmp_path, monkeypatch):
+    """The probe standardises a block of rows at a time, straight from the memory-mapped
+    cache file (no float64 copy of every feature): block edges change nothing."""
+    x, y, _, _ = blobs(300, 40, 3)
+    x = x.float()
+    whole = fit_probe(x, y, 3, fit_on=torch.arange(300) < 250)
+    np.save(tmp_path / "features.npy", x.numpy())
+    mapped = torch.from_numpy(np.load(tmp_path / "features.npy", mmap_mode="c"))
+    monkeypatch.setattr("autotransfer.probe.BLOCK_ROWS", 7)
+    blocks = fit_probe(mapped, y, 3, fit_on=torch.arange(300) < 250)
+    assert blocks.C == whole.C and blocks.cv_scores == whole.cv_scores
+    torch.testing.assert_close(blocks.weight, whole.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(blocks.bias, whole.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_past_select_max_c_comes_from_a_sample_and_every_image_still_gets_an_out_of_fold_prediction(monkeypatch):
+    """Issue 19: the search over C is bounded, so the probe's cost grows linearly with the
+    images; the folds and the head still see all of them, and accuracy holds."""
+    x, y, x_test, y_test = blobs(900, 30, 3)
+    whole = fit_probe(x, y, 3)
+    monkeypatch.setattr("autotransfer.probe.SELECT_MAX", 300)
+    sampled = fit_probe(x, y, 3)
+    assert sampled.cv_logits.shape == (900, 3) and sampled.folds == 5
+    assert set(sampled.cv_scores) == set(C_GRID) and sampled.C in C_GRID
+    assert sampled.cv_accuracy == pytest.approx(float((sampled.cv_logits.argmax(1) == y).double().mean()))
+
+    def accuracy(p):
+        return float(((x_test.float() @ p.weight.T + p.bias).argmax(1) == y_test).double().mean())
+    assert accuracy(sampled) >= accuracy(whole) - 0.02 and accuracy(sampled) > 0.6
+
+
+def test_the_sample_is_stratified_reproducible_and_keeps_every_class():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 3)
+    sample = stratified_sample(labels, 100, seed=1)
+    assert np.array_equal(sample, stratified_sample(labels, 100, seed=1))
+    assert not np.array_equal(sample, stratified_sample(labels, 100, seed=2))
+    assert np.bincount(labels[sample]).tolist() == [91, 9, 3]  # in proportion; a tiny class whole
+    assert len(set(sample.tolist())) == len(sample)

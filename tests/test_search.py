@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotransfer.plan import Plan
+from autotransfer.plan import Compute, Plan
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
@@ -30,6 +30,7 @@ from autotransfer.search import (
     parse_duration,
     plan_from_params,
     run_search,
+    watch_search,
 )
 
 BACKBONE = "test_efficientnet"
@@ -94,6 +95,16 @@ def config(storage: str, trials: int | None = 6, heartbeat_seconds: int = 10) ->
 )
 def test_params_round_trip(plan: Plan) -> None:
     assert plan_from_params(params_from_plan(plan, [BACKBONE]), BASE) == plan
+
+
+def test_trials_and_workers_train_where_the_search_was_told(tmp_path: Path) -> None:
+    """The search's base Plan carries its Compute to every trial and, in search.json, to
+    `--resume` and workers."""
+    base = replace(BASE, compute=Compute("cpu", 2, "bf16-mixed"))
+    trial = plan_from_params(params_from_plan(replace(base, strategy="partial", cut=2), [BACKBONE]), base)
+    assert trial.compute == Compute("cpu", 2, "bf16-mixed")
+    replace(config(":memory:"), base=base).save(tmp_path)
+    assert SearchConfig.load(tmp_path).base.compute == base.compute
 
 
 def test_parse_duration() -> None:
@@ -624,3 +635,53 @@ def test_a_new_search_refuses_a_study_left_in_its_storage(tmp_path: Path) -> Non
     assert not (tmp_path / "second").exists()
     delete_study(cfg)  # what --overwrite does first
     assert study_trials(cfg) is None
+
+
+def test_a_display_hears_when_the_search_starts_and_of_each_finished_trial(tmp_path: Path) -> None:
+    """fit's bar and trial lines (autotransfer.terminal) follow the search through this hook."""
+    from autotransfer.search import SearchProgress
+
+    cfg = config(":memory:", trials=3)
+    study = open_study(cfg)
+    enqueue_plans(study, rule_plans(), cfg.backbones)
+    fill_queue(study, cfg.trials)
+    heard: list[SearchProgress] = []
+    with watch_search(heard.append):
+        run_search(study, cfg, tmp_path, fake_trial)
+    assert heard[0] == SearchProgress(finished=0, planned=3, budget_left=None, trial=None)
+    assert [p.finished for p in heard[1:]] == [1, 2, 3] and [p.trial.number for p in heard[1:]] == [0, 1, 2]
+    first, second = heard[1].trial, heard[2].trial
+    assert first.plan == replace(rule_plans()[0], reasons=[]) and second.plan == replace(rule_plans()[1], reasons=[])
+    assert (first.score, first.cross_validated, first.pruned_at) == (0.6, False, None)
+    assert second.score == pytest.approx(0.8) and first.seconds >= 0
+
+    budget = replace(config(":memory:", trials=None), time_budget=0.5)
+    study = open_study(budget)
+    heard.clear()
+    with watch_search(heard.append):
+        run_search(study, budget, tmp_path, _slow(0.1))
+    assert heard[0].planned is None and 0.4 < heard[0].budget_left <= 0.5
+    assert [p.finished for p in heard[1:]] == list(range(1, len(heard))) and len(heard) >= 2
+    assert heard[0].budget_left > heard[1].budget_left >= heard[-1].budget_left >= 0
+
+    run_search(study, budget, tmp_path, fake_trial)  # no watcher any more
+    assert len(heard) == heard[-1].finished + 1
+
+    tuned = {"levels_below_top": 0, "lr": 1e-3, "weight_decay": 1e-4, "class_weighting": False,
+             "backbone_lr_ratio": 0.1, "epochs": 2, "bn_mode": "frozen"}
+    cfg = config(":memory:", trials=4)
+    study = open_study(cfg)
+    for params in [{"strategy": "partial", "trained_groups": 3}] * 3 + [{"strategy": "full"}]:  # 0.85, then 0.70
+        study.enqueue_trial({**tuned, **params}, user_attrs={"queued": True})
+    heard.clear()
+    with watch_search(heard.append):
+        run_search(study, cfg, tmp_path, fake_trial)
+    assert (heard[-1].finished, heard[-1].trial.score, heard[-1].trial.pruned_at) == (4, None, 1)
+
+
+def _slow(seconds: float):
+    def run(plan: Plan, trial_dir: Path, report) -> dict:
+        time.sleep(seconds)
+        return fake_trial(plan, trial_dir, report)
+
+    return run

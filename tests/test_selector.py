@@ -39,7 +39,7 @@ def test_fit_decides_searches_and_explains(image_folder: Path, tmp_path: Path) -
     result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "3", "--max-images", "24",
                                        "--backbone", "test_efficientnet", *FAST_CLI, "--out", str(run)])
     assert result.exit_code == 0, result.output
-    assert "ranked plans:" in result.output and "decision:" in result.output
+    assert "ranked plans (" in result.output and "decision:" in result.output
     for name in ("model.pt", "plan.json", "metrics.json", "profile.json", "leaderboard.csv", "study.db", "search.json"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "leaderboard.csv").open()))
@@ -70,7 +70,7 @@ def test_fit_chooses_among_several_backbones(image_folder: Path, tmp_path: Path)
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "4", "--max-images", "24",
                                        "--backbone", "test_efficientnet", "--backbone", "test_resnet",
-                                       "--time-budget", "10m", *FAST_CLI, "--out", str(run)])
+                                       "--time-budget", "10m", "-v", *FAST_CLI, "--out", str(run)])  # -v: every reason
     assert result.exit_code == 0, result.output
     assert "profiling backbones: test_efficientnet, test_resnet\n" in result.output
     profiles = {name: Profile.load(run / "profiles" / f"{name}.json") for name in ("test_efficientnet", "test_resnet")}
@@ -90,9 +90,9 @@ def test_sampled_trials_see_the_data_as_the_rules_did(image_folder: Path, tmp_pa
     run = tmp_path / "run"
     fast = [a for a in FAST_CLI if a not in ("--image-size", "32")]  # the rules choose the size
     result = CliRunner().invoke(main, ["fit", str(image_folder), "--trials", "1", "--max-images", "24",
-                                       "--backbone", "test_efficientnet", *fast, "--out", str(run)])
+                                       "--backbone", "test_efficientnet", "-v", *fast, "--out", str(run)])
     assert result.exit_code == 0, result.output
-    assert "upsampled to 128 px" in result.output  # 40 px images
+    assert "upsampled to 128 px" in result.output  # 40 px images; a reason, shown with -v
     assert json.loads((run / "search.json").read_text())["base"]["image_size"] == 128 == Plan.load(run / "plan.json").image_size
 
 

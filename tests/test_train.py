@@ -5,22 +5,27 @@ import os
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 from statistics import mean
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from autotransfer.backbones import get_backbone
 from autotransfer.checkpoint import load_model
-from autotransfer.data import scan_folder
+from autotransfer.data import DatasetScan, scan_folder
+from autotransfer.errors import PlanError
 from autotransfer.features import cached_features, eval_transform, image_loader, train_transform
-from autotransfer.plan import Plan
+from autotransfer.plan import Compute, Plan
 from autotransfer.probe import fit_probe
 from autotransfer.strategies import Preprocessing, build_net
 from autotransfer.features import weights_id
-from autotransfer.train import ClassifierTask, backbone_param_groups, finetune_loader, finetune_wins, fit, predict_records
+from autotransfer.train import (
+    ClassifierTask, backbone_param_groups, finetune_batch_size, finetune_loader, finetune_wins, fit, predict_records,
+    trainer_devices,
+)
 from conftest import CLASSES, FAST
 
 pytestmark = [
@@ -331,3 +336,66 @@ def test_fine_tuning_batches_give_every_epoch_steps_and_never_a_single_image(ima
     for n in (9, 16, 17):  # 9 at batch 2 would end on one image: BatchNorm in train mode fails on it
         sizes = [len(y) for _, y in finetune_loader(records[:n], prep, plan)]
         assert len(sizes) >= 4 and min(sizes) >= 2, (n, sizes)
+
+
+# ---------------------------------------------------------------- compute: devices and precision
+
+
+def test_two_cpu_processes_fine_tune_as_one_and_only_this_process_writes_the_run(image_folder, tmp_path):
+    """DDP over 2 spawned CPU processes (gloo) on a partial Plan: the frozen groups trip no
+    unused-parameter error, every val image is scored once and in order (5 images on 2
+    devices: the sampler pads), the workers' best epoch and scores come back, and only
+    this process writes: one model.pt, whose predictions are the ones reported."""
+    scan = scan_folder(image_folder)
+    train, val = scan.splits["train"], scan.splits["val"][:5]
+    scan = DatasetScan(scan.root, scan.classes, {"train": train, "val": val}, scan.skipped, scan.layout)
+    plan = Plan("test_resnet", strategy="partial", cut=1, lp_init=False, **{**FAST, "epochs": 2},
+                compute=Compute("cpu", 2))
+    reports = []
+    result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None,
+                 report=lambda step, score: reports.append((step, score)))
+
+    stages = result.metrics["stages"]
+    assert [step for step, _ in reports] == [1, 2]  # heard after the workers ended
+    assert max(score for _, score in reports) == stages["finetune_val_balanced_accuracy"]
+    assert result.metrics["kept"] == "finetuned"  # lp_init false: the DDP-trained weights are the model
+    assert [p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*.pt")] == [Path("model.pt")]
+    assert result.metrics["val_predictions"]["target"] == [r.label for r in val]
+    model, _, prep = load_model(tmp_path / "run")
+    logits, labels = predict_records(model, val, prep)
+    assert result.metrics["val_predictions"]["predicted"] == logits.argmax(1).tolist()
+    assert result.metrics["val"]["accuracy"] >= 0.6  # colours: a network that trained at all
+
+
+def test_bf16_mixed_precision_fine_tunes_on_the_cpu(image_folder, tmp_path):
+    scan = scan_folder(image_folder)
+    plan = Plan("test_resnet", strategy="partial", cut=1, **FAST, compute=Compute("cpu", 1, "bf16-mixed"))
+    result = fit(scan, plan, tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.metrics["stages"]["finetune_best_epoch"] == 1
+    assert result.metrics["val"]["accuracy"] >= 5 / 6
+    model, _, _ = load_model(tmp_path / "run")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # mixed: the weights stay fp32
+    assert Plan.load(tmp_path / "run" / "plan.json").compute.precision == "bf16-mixed"
+
+
+def test_compute_is_checked_against_this_machine_before_any_work():
+    assert trainer_devices(Compute("cpu", 2)) == 2 and trainer_devices(Compute("cpu", "auto")) == 1
+    with pytest.raises(PlanError, match=r"^precision 16-mixed \(fp16 autocast\) needs a GPU, .*use --precision bf16-mixed"):
+        trainer_devices(Compute("cpu", 1, "16-mixed"))
+    if not torch.cuda.is_available():
+        with pytest.raises(PlanError, match=r"^accelerator 'gpu' needs a GPU, and torch sees none"):
+            trainer_devices(Compute("gpu"))
+
+
+def test_on_several_devices_each_takes_a_share_of_every_batch_and_never_a_single_image(image_folder):
+    spec = get_backbone("test_efficientnet")
+    plan = Plan("test_efficientnet", strategy="full", bn_mode="train", weights="random", image_size=32, batch_size=8)
+    prep = Preprocessing.for_plan(spec, plan)
+    records = scan_folder(image_folder).splits["train"]
+    for n in (9, 13, 16):
+        loader = finetune_loader(records[:n], prep, plan, devices=2)
+        assert loader.batch_size == max(2, -(-finetune_batch_size(plan, n) // 2))  # half, rounded up
+        for rank in (0, 1):  # as Lightning re-makes the loader in each DDP worker
+            sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True)
+            sizes = [len(y) for _, y in DataLoader(loader.dataset, loader.batch_size, sampler=sampler, drop_last=loader.drop_last)]
+            assert min(sizes) >= 2, (n, rank, sizes)

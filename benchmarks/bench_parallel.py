@@ -1,0 +1,119 @@
+"""Run `autotransfer bench` one cell (dataset x size x seed) per process, several at once,
+within a deadline: how the 3-seed, full-size bench fits in a GPU machine's few minutes.
+
+One process per cell keeps each cell's bench.json whole when others are killed at the
+deadline; cells start seed by seed (every cell of seed 0 first), the largest first, so a
+cut-short run still holds whole seeds. Merge and average the cells afterwards with
+`benchmarks/bench_seeds.py OUT/cells/*/bench.json --out ...`.
+
+    python benchmarks/bench_parallel.py DATA... --per-class 10 --per-class 50 --per-class all \
+        --seeds 0 1 2 --jobs 6 --deadline 540 --out runs/bench_cells -- --image-size 128 --coarse-grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DONE = ".done"  # in a cell's folder once its bench exited 0: a rerun with the same OUT skips it
+
+@dataclass
+class Cell:
+    data: Path
+    per_class: str
+    seed: int
+    images: int  # train images the cell uses (its cost, for the order)
+
+    @property
+    def name(self) -> str:
+        return f"{self.data.name}-{self.per_class}-s{self.seed}"
+
+
+def count_train_images(data: Path) -> tuple[int, int]:
+    """(train images, classes) of an ImageFolder dataset: train/ if present, else the class folders."""
+    root = data / "train" if (data / "train").is_dir() else data
+    classes = [d for d in root.iterdir() if d.is_dir() and d.name not in ("val", "valid", "validation", "test")]
+    return sum(1 for c in classes for f in c.iterdir() if f.is_file()), max(1, len(classes))
+
+
+def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int]) -> list[Cell]:
+    """Every cell, seed by seed, the most images first within a seed."""
+    cells = []
+    for seed in seeds:
+        batch = []
+        for data in datasets:
+            total, classes = count_train_images(data)
+            for size in sizes:
+                batch.append(Cell(data, size, seed, total if size == "all" else min(total, int(size) * classes)))
+        cells += sorted(batch, key=lambda c: -c.images)
+    return cells
+
+
+def run_cells(cells: list[Cell], bench_args: list[str], jobs: int, deadline: float, out: Path) -> dict:
+    """Start cells while there is time, `jobs` at once; kill what still runs at the deadline."""
+    start = time.monotonic()
+    status = {c.name: "done earlier" if (out / "cells" / c.name / DONE).exists() else "not started" for c in cells}
+    queue, running = [c for c in cells if status[c.name] == "not started"], {}
+    while queue or running:
+        for name, (proc, cell, began) in list(running.items()):
+            if proc.poll() is not None:
+                status[name] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                if proc.returncode == 0:
+                    (out / "cells" / name / DONE).touch()
+                print(f"[{time.monotonic() - start:6.0f} s] {name}: {status[name]} in {time.monotonic() - began:.0f} s", flush=True)
+                del running[name]
+        if time.monotonic() - start > deadline:
+            for name, (proc, _, _) in running.items():
+                proc.kill()
+                status[name] = "killed at the deadline"
+            break
+        while queue and len(running) < jobs:
+            cell = queue.pop(0)
+            folder = out / "cells" / cell.name
+            shutil.rmtree(folder, ignore_errors=True)  # a cell killed by an earlier deadline starts afresh
+            folder.mkdir(parents=True)
+            command = [sys.executable, "-m", "autotransfer", "bench", str(cell.data.resolve()), "--per-class", cell.per_class,
+                       "--seed", str(cell.seed), "--out", str(folder.resolve()), *bench_args]
+            log = (folder / "log.txt").open("w")
+            # cwd=out: a source tree in the current folder must not shadow the installed autotransfer
+            running[cell.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=out), cell, time.monotonic())
+            status[cell.name] = "running"
+        time.sleep(1)
+    result = {"seconds": round(time.monotonic() - start, 1), "jobs": jobs, "deadline": deadline,
+              "bench_args": bench_args, "cells": [{**asdict(c), "data": str(c.data), "status": status[c.name]} for c in cells]}
+    (out / "status.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, nargs="+", help="Dataset folders (ImageFolder layout).")
+    parser.add_argument("--per-class", action="append", default=None, help="Sizes, as bench's --per-class [default: 10, 50, all].")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 3), help="Cells at once [default: cores / 3].")
+    parser.add_argument("--deadline", type=float, default=float("inf"), help="Seconds; cells still running then are killed.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.epilog = "Options after -- go to every `autotransfer bench` cell."
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, bench_args = parser.parse_args(argv[:split]), argv[split + 1:]
+    missing = [str(d) for d in args.data if not d.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    cells = plan_cells(args.data, args.per_class or ["10", "50", "all"], args.seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run_cells(cells, bench_args, args.jobs, args.deadline, args.out)
+    done = sum(c["status"] == "done" for c in result["cells"])
+    print(f"{done} of {len(cells)} cells done in {result['seconds']:.0f} s; {args.out / 'status.json'}")
+    return 0 if done == len(cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
