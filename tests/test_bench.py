@@ -342,3 +342,27 @@ def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(sp
     cut = subprocess.run(late, capture_output=True, text=True, env=env)
     assert cut.returncode == 1
     assert {c["status"] for c in json.loads((tmp_path / "late" / "status.json").read_text())["cells"]} == {"killed at the deadline"}
+
+
+@pytest.mark.slow
+def test_the_scale_and_gpu_benchmark_scripts_run_at_tiny_sizes(tmp_path: Path) -> None:
+    """bench_scale.py and bench_gpu.py run rarely (100,000 images; a GPU): this keeps them
+    working between runs, on random weights and a few dozen generated images."""
+    scripts = Path(__file__).parents[1] / "benchmarks"
+    env = {**os.environ, "AUTOTRANSFER_CACHE": str(tmp_path / "cache"), "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    scale = subprocess.run(
+        [sys.executable, str(scripts / "bench_scale.py"), "--sizes", "40", "80", "--classes", "4", "--image-px", "16",
+         "--backbone", "test_resnet", "--weights", "random", "--image-size", "32", "--max-images", "20",
+         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "scale.json")],
+        capture_output=True, text=True, env=env)
+    assert scale.returncode in (0, 1), scale.stderr[-3000:]  # 1: the goal, set for 100,000 images, is not met
+    result = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["images"] for r in result["rows"]] == [40, 80] and not result["passed"]
+    assert all({"scan", "profile", "fit"} <= r.keys() for r in result["rows"])
+    assert {"profile", "fit"} <= result["largest_vs_smallest"].keys() and (tmp_path / "scale.png").is_file()
+
+    gpu = subprocess.run([sys.executable, str(scripts / "bench_gpu.py"), "--cpu", "--out", str(tmp_path / "gpu.json")],
+                         capture_output=True, text=True, env=env)
+    assert gpu.returncode in (0, 1), gpu.stderr[-3000:]
+    rates = json.loads((tmp_path / "gpu.json").read_text())
+    assert min(rates["bare_images_per_s"], rates["fit_images_per_s"], rates["loader_images_per_s"]) > 0
