@@ -188,8 +188,7 @@ def fit_probe(
     log_proba = _out_of_fold(z, y, splits, grid, num_classes, class_weighting, start)
     scores = _scores(log_proba, y)
     best = _best(scores, log_proba, y)
-    cv_scores = {c: s for c, s in zip(grid, scores)} if start is None else {
-        c: s for c, s in zip(C_GRID, sample_scores)}
+    cv_scores = dict(zip(C_GRID, scores if start is None else sample_scores))
     predicted = log_proba.argmax(2)
     final = _fit_path(z if keep.all() else z[keep], y[keep], class_weighting, (grid[best],), start)[0]
     weight, bias = _full_classes(final, num_classes)
