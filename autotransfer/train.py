@@ -256,6 +256,18 @@ def main_device(compute: Compute) -> str:
     return "cuda" if torch.cuda.is_available() and compute.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
+class _SpawnedDDP(pl.strategies.DDPStrategy):
+    """DDP whose spawned workers close their process group before they exit: a worker that
+    exits with it open can abort (SIGABRT) while gloo's threads still hold tensors
+    (pytorch/pytorch#179291)."""
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no worker leaves while another still talks to it
+            torch.distributed.destroy_process_group()
+
+
 def _trainer(
     out: Path, stage: str, epochs: int, callbacks: list[pl.Callback], progress: bool,
     max_seconds: float | None = None, compute: Compute | None = None,
@@ -263,8 +275,6 @@ def _trainer(
     """A stage's Trainer. On several devices: DDP, its workers started afresh (spawn) for
     this stage alone, so that the run or search around it stays in this process (`_fit`).
     Frozen parameters do not require grad, so DDP looks for no unused ones."""
-    from pytorch_lightning.strategies import DDPStrategy
-
     compute = compute or Compute()
     several = trainer_devices(compute) > 1
     return pl.Trainer(
@@ -273,7 +283,7 @@ def _trainer(
         accelerator=compute.accelerator,
         devices=compute.devices,
         precision=compute.precision,
-        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=False) if several else "auto",
+        strategy=_SpawnedDDP(start_method="spawn", find_unused_parameters=False) if several else "auto",
         logger=stage_logger(out, stage),
         callbacks=callbacks,
         enable_checkpointing=False,
