@@ -61,13 +61,13 @@ def trial_runner(scan: DatasetScan, log: Callable[[str], None], budget: float | 
     """
     deadline = None if budget is None else time.monotonic() + budget
 
-    def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None]) -> dict:
+    def run(plan: Plan, trial_dir: Path, report: Callable[[int, float], None], after_fold: Callable | None = None) -> dict:
         left = None if deadline is None else deadline - time.monotonic()
         log(f"trial {int(trial_dir.name)}" + ("" if left is None else f" ({max(0, left):.0f}s of the search budget left)")
             + f": {describe(plan)}")
         try:
             if cross_validates(scan, plan):
-                result = cross_validate(scan, plan, trial_dir, log=log)
+                result = cross_validate(scan, plan, trial_dir, log=log, after_fold=after_fold)
             else:
                 result = fit(scan, plan, trial_dir, progress=False, log=lambda _: None, report=report,
                              max_seconds=left, evaluate_test=False)

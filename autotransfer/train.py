@@ -531,6 +531,7 @@ CV_FINETUNE_MAX_IMAGES = 300
 
 def cross_validate(
     scan: DatasetScan, plan: Plan, out: str | Path, log: Callable[[str], None] = print,
+    after_fold: Callable[[int, list[int], list[int]], None] | None = None,
 ) -> FitResult:
     """Fine-tuning judged like the frozen probe: its k stratified folds over train + val
     (`probe.cv_splits`, the same folds for the same seed), each fold's model scored at its
@@ -541,7 +542,9 @@ def cross_validate(
     and lost 7 held-out points to it (benchmarks/results/bench_gpu_128px_seed0.md).
 
     metrics.json "cv" holds the out-of-fold predictions in train + val order, the order a
-    frozen trial's probe uses, so the two are compared on the same images."""
+    frozen trial's probe uses, so the two are compared on the same images. `after_fold`
+    hears (folds done, the pool indices scored so far, their predictions) after each fold
+    and may stop the trial by raising (`search.stop_when_behind`)."""
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,6 +562,9 @@ def cross_validate(
         logits[torch.as_tensor(val_idx)] = result.val_logits
         epochs.append(result.metrics["stages"].get("finetune_epochs", plan.epochs))
         log(f"  fold {i + 1} of {folds}: balanced accuracy {result.metrics['val']['balanced_accuracy']:.4f}")
+        if after_fold is not None:
+            scored = np.concatenate([val for _, val in splits[: i + 1]]).tolist()
+            after_fold(i + 1, scored, logits[scored].argmax(1).tolist())
     epochs_refit = int(np.median(epochs))
     in_val = torch.arange(len(pool)) >= len(scan.splits["train"])
     cv_predicted = logits.argmax(1)

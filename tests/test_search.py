@@ -53,7 +53,7 @@ def fake_loss(plan: Plan) -> float:
     return 1.0 - 0.1 * (plan.feature_level or 0)
 
 
-def fake_trial(plan: Plan, trial_dir: Path, report) -> dict:
+def fake_trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
     """Writes what a real trial writes, reports like one, costs nothing."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     accuracy = fake_accuracy(plan)
@@ -382,7 +382,7 @@ def test_a_sampled_trial_displaces_the_rules_only_by_more_than_one_standard_erro
     enqueue_plans(study, [rule], cfg.backbones)
     study.enqueue_trial(params_from_plan(sampled, cfg.backbones), user_attrs={"queued": True})  # no reasons: sampled
 
-    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+    def trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
         trial_dir.mkdir(parents=True, exist_ok=True)
         return scored(RULE_CORRECT if plan.feature_level == 3 else CHALLENGERS[challenger], cv=True)
 
@@ -412,7 +412,7 @@ def test_fine_tuning_replaces_the_best_frozen_trial_only_if_better_beyond_one_se
     tuned = replace(BASE, strategy="full", reasons=["rule"])
     enqueue_plans(study, [frozen_cv_high, frozen_cv_low, tuned], cfg.backbones)
 
-    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+    def trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
         trial_dir.mkdir(parents=True, exist_ok=True)
         if plan.strategy != "frozen":
             return scored(tuned_correct, cv=False)
@@ -430,6 +430,56 @@ def test_fine_tuning_replaces_the_best_frozen_trial_only_if_better_beyond_one_se
     assert any(said in r for r in plan.reasons)
 
 
+@pytest.mark.parametrize("folds, tuned_correct, stops", [
+    (1, set(range(20)), False),  # one fold: too few images to call
+    (2, set(range(50)), True),  # 25 of 40 wrong where the frozen probe is right: far beyond 2 SE
+    (2, set(range(80)), False),  # level with the probe on the images scored so far
+    (5, set(range(75)), True),  # 5 behind on 100, and never ahead: 2.3 SE
+    (5, set(range(10, 85)), False),  # 10 lost, 5 won where they disagree: 1.4 SE, it might be luck
+])
+def test_a_cross_validated_fine_tune_stops_once_beyond_two_se_behind_the_best_frozen_trial(
+    folds: int, tuned_correct: set[int], stops: bool
+) -> None:
+    from autotransfer.search import stop_when_behind
+
+    rival = {**scored(RULE_CORRECT, cv=True)["cv"], "trial": 0}  # right on images 0..79
+    scored_so_far = [i for i in range(100) if i % 50 < 10 * folds]
+    predicted = [VAL_TARGETS[i] if i in tuned_correct else 1 - VAL_TARGETS[i] for i in scored_so_far]
+    after_fold = stop_when_behind(rival)
+    if stops:
+        with pytest.raises(optuna.TrialPruned, match=rf"^pruned after {folds} folds: balanced accuracy -0\.\d+ against frozen trial 0 on the same {len(scored_so_far)} images"):
+            after_fold(folds, scored_so_far, predicted)
+    else:
+        after_fold(folds, scored_so_far, predicted)
+
+
+def test_a_stopped_fine_tune_is_pruned_and_the_decision_says_why(tmp_path: Path) -> None:
+    """The search hands a fine-tuning trial the best frozen trial's out-of-fold predictions;
+    a trial stopped by them is PRUNED, the frozen one adopted, and its why names the stop."""
+    cfg = config(":memory:", trials=None)
+    study = open_study(cfg)
+    enqueue_plans(study, [replace(BASE, strategy="frozen", reasons=["rule"]), replace(BASE, strategy="full", reasons=["rule"])],
+                  cfg.backbones)
+    heard = []
+
+    def trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        heard.append(after_fold)
+        if plan.strategy == "frozen":
+            return scored(RULE_CORRECT, cv=True)
+        images = [i for i in range(100) if i % 50 < 20]
+        after_fold(2, images, [1 - VAL_TARGETS[i] for i in images])  # every image wrong
+        raise AssertionError("not stopped")
+
+    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=2)
+    assert heard[0] is None and heard[1] is not None  # the first trial had no frozen trial to meet
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    plan, _ = adopt_best(study, tmp_path)
+    assert plan.strategy == "frozen"
+    assert any("fine-tuned trial 1 was pruned after 2 folds: balanced accuracy -1.0000 against frozen trial 0" in r
+               for r in plan.reasons)
+
+
 def test_the_search_selects_on_balanced_accuracy_not_accuracy(tmp_path: Path) -> None:
     """Of two Plans, the one that guesses the majority class more has the higher accuracy;
     the one right more often on every class wins (what survives a change of class mix)."""
@@ -438,7 +488,7 @@ def test_the_search_selects_on_balanced_accuracy_not_accuracy(tmp_path: Path) ->
     majority, balanced = (replace(BASE, strategy="frozen", feature_level=level) for level in (2, 3))
     scores = {2: (0.90, 0.70), 3: (0.88, 0.85)}  # feature level -> (accuracy, balanced accuracy)
 
-    def trial(plan: Plan, trial_dir: Path, report) -> dict:
+    def trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
         accuracy, score = scores[plan.feature_level]
         report(0, score)
         trial_dir.mkdir(parents=True, exist_ok=True)
@@ -461,7 +511,7 @@ from pathlib import Path
 from test_search import config, fake_trial, rule_plans
 from autotransfer.search import enqueue_plans, fill_queue, open_study, run_search
 
-def killed_in_fine_tuning(plan, trial_dir, report):
+def killed_in_fine_tuning(plan, trial_dir, report, after_fold=None):
     if plan.strategy != "frozen":
         report(0, 0.5)  # under way
         os.kill(os.getpid(), signal.SIGKILL)
@@ -505,7 +555,7 @@ def test_resume_right_after_kill_9_reruns_the_killed_trials_own_plan(tmp_path: P
 
 
 def _interrupted_in_fine_tuning(how: str):
-    def run(plan: Plan, trial_dir: Path, report) -> dict:
+    def run(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
         if plan.strategy != "frozen":
             if how == "keyboard":
                 raise KeyboardInterrupt
@@ -566,7 +616,7 @@ def test_one_process_draws_the_same_trials_for_the_same_seed(tmp_path: Path) -> 
     assert drawn() == drawn()
 
 
-def _slow_trial(plan: Plan, trial_dir: Path, report) -> dict:
+def _slow_trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
     time.sleep(2.0)
     return fake_trial(plan, trial_dir, report)
 
@@ -680,7 +730,7 @@ def test_a_display_hears_when_the_search_starts_and_of_each_finished_trial(tmp_p
 
 
 def _slow(seconds: float):
-    def run(plan: Plan, trial_dir: Path, report) -> dict:
+    def run(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
         time.sleep(seconds)
         return fake_trial(plan, trial_dir, report)
 

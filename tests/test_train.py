@@ -399,3 +399,31 @@ def test_on_several_devices_each_takes_a_share_of_every_batch_and_never_a_single
             sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True)
             sizes = [len(y) for _, y in DataLoader(loader.dataset, loader.batch_size, sampler=sampler, drop_last=loader.drop_last)]
             assert min(sizes) >= 2, (n, rank, sizes)
+
+
+def test_cross_validation_tells_after_each_fold_what_it_scored_and_stops_when_told(image_folder, tmp_path):
+    """after_fold hears the pool indices scored so far and their predictions; raising there
+    stops the trial before the next fold and before the refit (no model.pt)."""
+    from autotransfer.probe import cv_splits
+    from autotransfer.train import cross_validate
+
+    class Stop(Exception):
+        pass
+
+    scan = scan_folder(image_folder)
+    plan = Plan("test_resnet", strategy="partial", cut=1, **FAST)
+    pool = scan.splits["train"] + scan.splits["val"]
+    splits = cv_splits(torch.tensor([r.label for r in pool]).numpy(), plan.seed)
+    heard = []
+
+    def after_fold(folds, images, predicted):
+        heard.append((folds, images, predicted))
+        if folds == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        cross_validate(scan, plan, tmp_path / "trial", log=lambda _: None, after_fold=after_fold)
+    assert [folds for folds, _, _ in heard] == [1, 2]
+    assert heard[0][1] == splits[0][1].tolist() and sorted(heard[1][1]) == sorted(splits[0][1].tolist() + splits[1][1].tolist())
+    assert all(len(predicted) == len(images) and set(predicted) <= set(range(len(CLASSES))) for _, images, predicted in heard)
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["fold0", "fold1"]
