@@ -163,9 +163,10 @@ def test_features_are_written_in_batches_and_read_back_memory_mapped(image_folde
     assert torch.equal(labels, direct_labels)
     (path,) = cache_dir().glob("*.npy")
     assert isinstance(np.load(path, mmap_mode="r"), np.memmap)
+    saved = torch.from_numpy(np.load(path))
     feats[:] = 0  # copy-on-write: the caller's copy changes, the file does not
     again, _, reused = cached_features(net, scan, "train", prep, "test_resnet", "w", None, progress=False)
-    assert reused and torch.equal(again, direct)
+    assert reused and torch.equal(again, saved)  # not `direct`: batches of 2 and of 32 may round apart
 
 
 def test_damaged_or_half_written_cache_files_are_recomputed(image_folder):
