@@ -888,14 +888,14 @@ def merge_by_seed(reports: list[dict]) -> list[dict]:
                 raise DataError(f"two bench reports hold {cell['dataset']} {cell['size']} of seed {seed}")
             seen.add(key)
         if seed not in by_seed:
-            by_seed[seed] = {**report, "cells": list(report["cells"]), "commands": [report["command"]]}
+            by_seed[seed] = {**report, "cells": list(report["cells"]), "commands": list(report.get("commands", [report["command"]]))}
             continue
         merged = by_seed[seed]
         if report["settings"] != merged["settings"]:
             raise DataError(f"the bench reports of seed {seed} differ in their settings: {report['command']!r} "
                             f"vs {merged['command']!r}")
         merged["cells"] += report["cells"]
-        merged["commands"].append(report["command"])
+        merged["commands"] += report.get("commands", [report["command"]])  # a merged report brings all of its own
         merged["seconds"] = round(merged.get("seconds", 0) + report.get("seconds", 0), 1)
     return list(by_seed.values())
 

@@ -366,3 +366,18 @@ def test_the_scale_and_gpu_benchmark_scripts_run_at_tiny_sizes(tmp_path: Path) -
     assert gpu.returncode in (0, 1), gpu.stderr[-3000:]
     rates = json.loads((tmp_path / "gpu.json").read_text())
     assert min(rates["bare_images_per_s"], rates["fit_images_per_s"], rates["loader_images_per_s"]) > 0
+
+
+def test_merging_an_already_merged_report_keeps_every_command() -> None:
+    """A committed per-seed report (merged from cells) merged again with new cells: its
+    commands stay, the new ones follow, and a cell twice is refused."""
+    def report(command: str, *cells: tuple[str, str], commands: list[str] | None = None) -> dict:
+        return {"settings": {"seed": 0}, "command": command, "seconds": 1.0,
+                "cells": [{"dataset": d, "size": s} for d, s in cells], **({"commands": commands} if commands else {})}
+
+    old = report("bench a --per-class 10", ("a", "10/class"), ("b", "10/class"), commands=["bench a --per-class 10", "bench b --per-class 10"])
+    (merged,) = merge_by_seed([old, report("bench a --per-class 50", ("a", "50/class"))])
+    assert merged["commands"] == ["bench a --per-class 10", "bench b --per-class 10", "bench a --per-class 50"]
+    assert [(c["dataset"], c["size"]) for c in merged["cells"]] == [("a", "10/class"), ("b", "10/class"), ("a", "50/class")]
+    with pytest.raises(DataError, match="two bench reports hold b 10/class of seed 0"):
+        merge_by_seed([old, report("bench b --per-class 10", ("b", "10/class"))])
