@@ -10,6 +10,7 @@ training images, scored on its held-out split (test/, else val/).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,7 @@ from autotransfer.data import scan_folder
 from autotransfer.plan import Plan
 from autotransfer.probe import fit_probe
 from autotransfer.references import depth_features
-from autotransfer.strategies import ALL_LEVELS, LEVEL_NORM
-
-LEVEL_DIMS = [16, 24, 40, 112, 320, 1280]  # efficientnet_lite0: feature_info channels, then the top
+from autotransfer.strategies import ALL_LEVELS, build_net
 
 
 def main(data: str, per_class: int, seed: int) -> None:
@@ -34,18 +33,17 @@ def main(data: str, per_class: int, seed: int) -> None:
     plan = Plan("efficientnet_lite0", image_size=128, seed=seed)
     x_train, y_train = depth_features(spec, plan, cell, ALL_LEVELS, "train")
     x_held, y_held = depth_features(spec, plan, cell, ALL_LEVELS, held)
-    mean, std = x_train.mean(0), x_train.std(0)
-    varying = std > 1e-6
-    per_level = np.concatenate([np.full(d, LEVEL_NORM / max(1, int(alive.sum())) ** 0.5)
-                                for d, alive in zip(LEVEL_DIMS, np.split(varying, np.cumsum(LEVEL_DIMS)[:-1]))])
+    net = build_net(spec, replace(plan, all_levels=True), len(cell.classes))
+    net.set_standardisation(torch.from_numpy(x_train))  # the product's own scaling: MultiLevelNet's
+    mean, per_level = net.classifier[0].mean.numpy(), net.classifier[0].scale.numpy()
+    std = x_train.std(0)
+    per_feature = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0.0)  # what StandardScaler does
 
-    def standardised(x: np.ndarray) -> np.ndarray:
-        return np.where(varying, (x - mean) / np.maximum(std, 1e-6), 0.0)
-
-    for name, scale in [("per-feature", 1.0), ("per-level", per_level)]:
-        fit = fit_probe(torch.tensor(standardised(x_train) * scale).float(), torch.tensor(y_train),
+    for name, scale in [("per-feature", per_feature), ("per-level", per_level)]:
+        fit = fit_probe(torch.tensor((x_train - mean) * scale).float(), torch.tensor(y_train),
                         int(y_train.max()) + 1, seed=seed, standardise=False)
-        logits = torch.tensor(standardised(x_held) * scale).float() @ torch.as_tensor(fit.weight).float().T + torch.as_tensor(fit.bias).float()
+        held_in = torch.tensor((x_held - mean) * scale).float()
+        logits = held_in @ torch.as_tensor(fit.weight).float().T + torch.as_tensor(fit.bias).float()
         accuracy = float((logits.argmax(1) == torch.tensor(y_held)).float().mean())
         print(f"{Path(data).name} {per_class}/class seed {seed} {name}: C {fit.C:g}, "
               f"CV balanced accuracy {fit.cv_balanced_accuracy:.3f}, held-out accuracy {accuracy:.4f}")
