@@ -467,7 +467,7 @@ def stop_when_behind(rival: dict) -> Callable[[int, list[int], list[int]], None]
         frozen = [rival["predicted"][i] for i in images]
         lead = balanced_accuracy_of(predicted, target) - balanced_accuracy_of(frozen, target)
         se = balanced_accuracy_gap_se(predicted, frozen, target)
-        if lead < 0 and lead + CV_BEHIND_STANDARD_ERRORS * se < 0:
+        if lead + CV_BEHIND_STANDARD_ERRORS * se < 0:  # se >= 0: only a trial behind
             raise optuna.TrialPruned(
                 f"pruned after {folds} folds: balanced accuracy {lead:+.4f} against frozen trial {rival['trial']} "
                 f"on the same {len(images)} images, beyond {CV_BEHIND_STANDARD_ERRORS:g} paired standard errors ({se:.4f})"
