@@ -383,6 +383,7 @@ def _no_decided_options(options: dict) -> None:
     """The depth options are what a decision chooses: taken silently, they would be lost."""
     given = [f"--feature-level {options['feature_level']}"] if options.get("feature_level") is not None else []
     given += ["--all-levels"] if options.get("all_levels") else []
+    given += [f"--all-levels-mode {options['all_levels_mode']}"] if options.get("all_levels_mode", "level") != "level" else []
     if given:
         raise UsageError(
             f"{' and '.join(given)} fix part of a Plan, and without --strategy autotransfer decides that part "

@@ -463,22 +463,28 @@ def peer_rows(sub: DatasetScan, base: Plan, cell_dir: Path, log: Callable[[str],
     return [row]
 
 
+def cell_data(scan: DatasetScan, per_class: int | None, settings: BenchSettings) -> tuple[DatasetScan, Plan]:
+    """A cell's images (its subsample of train, the selection split drawn from it) and the
+    Plan every row starts from: the same for every row and for a rerun of one."""
+    if per_class is None:
+        sub = cap_split(scan, "train", settings.train_cap, settings.seed)
+    else:
+        sub = subsample(scan, per_class, settings.seed, "train")
+    base = Plan(
+        settings.backbone, weights=settings.weights, image_size=resolve_image_size(sub, settings),
+        epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
+    )
+    return draw_val(sub, base.val_fraction, settings.seed), base
+
+
 def bench_cell(
     scan: DatasetScan, per_class: int | None, settings: BenchSettings, out: Path,
     log: Callable[[str], None] = print,
 ) -> dict:
     """One dataset at one training-set size: every row, then regrets and their paired SEs."""
     size_label = "all" if per_class is None else f"{per_class}/class"
-    if per_class is None:
-        sub = cap_split(scan, "train", settings.train_cap, settings.seed)
-    else:
-        sub = subsample(scan, per_class, settings.seed, "train")
+    sub, base = cell_data(scan, per_class, settings)
     name = Path(scan.root).name
-    base = Plan(
-        settings.backbone, weights=settings.weights, image_size=resolve_image_size(sub, settings),
-        epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
-    )
-    sub = draw_val(sub, base.val_fraction, settings.seed)
     split = heldout_split(sub)
     source = heldout_source(scan)
     counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
@@ -669,6 +675,55 @@ def run_bench(
                 report["seconds"] = round(time.perf_counter() - start, 1)
                 report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
                 write_reports(report, out)
+    return report
+
+
+def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], None] = print) -> dict:
+    """Run the autotransfer row of every cell of `report` again, on the same images with
+    the same settings, and re-score the cells; every other row is kept as it was.
+
+    What a change to the selector costs to judge: its row is a fraction of a cell's time,
+    and the references, the peer and the fixed recipes do not run autotransfer's code.
+    The images are checked to be the cell's (same held-out labels, same counts); `note`
+    (e.g. the commit) is recorded in the report and shown in its preamble.
+    """
+    settings = BenchSettings(**report["settings"])
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with use_cache(out / "cache"):
+        warmed: set[int | None] = set()
+        for cell in report["cells"]:
+            (scan,) = scan_datasets([Path(cell["path"])], settings)
+            sub, base = cell_data(scan, cell["per_class"], settings)
+            split = heldout_split(sub)
+            counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
+            if counts != cell["images"] or [r.label for r in sub.splits[split]] != cell["heldout_targets"]:
+                raise DataError(f"{cell['path']} {cell['size']}: the images differ from the bench's ({counts} vs "
+                                f"{cell['images']}); rerun the whole bench instead")
+            if base.image_size not in warmed:  # not charged to the row, as in run_bench
+                warm_calibration(base)
+                warmed.add(base.image_size)
+            log(f"[{cell['dataset']} {cell['size']} seed {settings.seed}] autotransfer again ({note})")
+            index = next(i for i, r in enumerate(cell["rows"]) if AUTO in r["kinds"])
+            old = cell["rows"][index]
+            row = {k: old[k] for k in ("recipe", "kinds", "family", "depth", "title", "plan") if k in old}
+            run_dir = out / "runs" / cell["dataset"] / ("all" if cell["per_class"] is None else str(cell["per_class"])) / AUTO
+            shutil.rmtree(run_dir, ignore_errors=True)
+            row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log))
+            row["rerun"] = {"note": note, "before": {"heldout_accuracy": old.get("heldout_accuracy"), "choice": old.get("choice"),
+                                                     "seconds": old.get("seconds")}}
+            log(f"  autotransfer held-out {row['heldout_accuracy']:.4f} (was {old.get('heldout_accuracy')}), "
+                f"{row['seconds']:.0f}s -> {row['choice']}")
+            if not settings.keep_models:
+                _drop_models(run_dir)
+            cell["rows"][index] = row
+            score_cell(cell)
+            write_reports(report, out)
+    report["reruns"] = [*report.get("reruns", []), {
+        "rows": [AUTO], "note": note, "seconds": round(time.perf_counter() - start, 1),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment(),
+    }]
+    write_reports(report, out)
     return report
 
 
@@ -1045,6 +1100,8 @@ def _preamble(report: dict) -> list[str]:
         f"Started {report['started']}, took {report.get('seconds', 0) / 60:.1f} min"
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
+        *(f"Rerun of the {', '.join(r['rows'])} row(s) only, every other row kept as it was: {r['note']}, "
+          f"{r['started']}, {r['seconds'] / 60:.1f} min." for r in report.get("reruns", [])),
         "Held-out images judge every row and nothing selects on them: test/ where the dataset has one; else "
         "its val/, all of it (capped only in quick mode, which says so), with the selection split drawn from "
         f"the cell's training images as `fit` draws it; else {HOLDOUT_FRACTION:.0%} of the class folders.",

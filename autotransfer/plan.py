@@ -20,6 +20,7 @@ from autotransfer.errors import PlanError
 STRATEGIES = ("frozen", "partial", "full")
 BN_MODES = ("frozen", "train")
 AUGMENTS = ("crop", "strong")  # features.train_transform
+ALL_LEVELS_MODES = ("level", "feature", "ensemble")  # train.probe_head
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
@@ -95,6 +96,13 @@ class Plan:
     # frozen only: classify from every feature level and the top at once, each level's map
     # mean-pooled and standardised, one linear head on them all (Head2Toe, Evci et al. 2022)
     all_levels: bool = False
+    # all_levels only: how the head reads every level. One probe on all of them, each
+    # feature standardised, then "level": each level scaled to the same norm (a level of
+    # 16 features counts as much as one of 1,280), or "feature": left so (the wide top
+    # levels dominate: the plain linear-probe protocol); neither wins everywhere
+    # (benchmarks/results/level_scaling.md). "ensemble": the mean of the 3 best probes by
+    # CV among each level alone, the top and both of those (one linear layer all the same)
+    all_levels_mode: str = "level"
     # BatchNorm of the blocks being fine-tuned: "frozen" keeps ImageNet running statistics
     # (eval mode); "train" lets them adapt. Frozen blocks are always in eval mode.
     bn_mode: str = "frozen"
@@ -137,6 +145,10 @@ class Plan:
             raise PlanError(f"strategy must be one of {', '.join(STRATEGIES)}, but got '{self.strategy}'")
         if self.bn_mode not in BN_MODES:
             raise PlanError(f"bn_mode must be one of {', '.join(BN_MODES)}, but got '{self.bn_mode}'")
+        if self.all_levels_mode not in ALL_LEVELS_MODES:
+            raise PlanError(f"all_levels_mode must be one of {', '.join(ALL_LEVELS_MODES)}, but got '{self.all_levels_mode}'")
+        if self.all_levels_mode != "level" and not self.all_levels:
+            raise PlanError(f"all_levels_mode '{self.all_levels_mode}' says how every level is read at once; it needs all_levels true")
         if self.augment not in AUGMENTS:
             raise PlanError(f"augment must be one of {', '.join(AUGMENTS)}, but got '{self.augment}'")
         for name in LIMITS:
@@ -165,7 +177,7 @@ class Plan:
             int: ("epochs", "batch_size", "seed"),
             (int, type(None)): ("cut", "feature_level", "image_size"),
             (int, float): ("lr", "backbone_lr_ratio", "weight_decay", "val_fraction", "label_smoothing"),
-            str: ("backbone", "strategy", "bn_mode", "weights", "augment"),
+            str: ("backbone", "strategy", "bn_mode", "weights", "augment", "all_levels_mode"),
             bool: ("all_levels", "class_weighting", "lp_init", "refit"),
             list: ("reasons",),
             Compute: ("compute",),
@@ -208,7 +220,9 @@ class Plan:
 
 def describe(plan: Plan) -> str:
     """The Plan in one line, as `fit`, `plan` and reports print it."""
-    depth = "every feature level" if plan.all_levels else "top" if plan.feature_level is None else f"feature level {plan.feature_level}"
+    depth = ("every feature level" + {"level": "", "feature": ", per-feature scaling",
+                                      "ensemble": ", mean of the 3 best probes"}[plan.all_levels_mode]
+             if plan.all_levels else "top" if plan.feature_level is None else f"feature level {plan.feature_level}")
     what = {"frozen": "frozen extractor", "partial": f"partial fine-tuning (cut {plan.cut})",
             "full": "full fine-tuning"}[plan.strategy]
     return f"{plan.backbone}, {what} at {depth}" + (

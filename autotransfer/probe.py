@@ -11,7 +11,7 @@ fine-tuning on the same images, with a paired standard error.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,37 @@ class ProbeFit:
     cv_balanced_accuracy: float
     cv_accuracy: float
     cv_scores: dict[float, float]  # C -> mean out-of-fold balanced accuracy (on the sample past SELECT_MAX)
+    members: list[str] = field(default_factory=list)  # a mean of probes (`mean_of_best`): which
+
+
+def cv_log_loss(fit: ProbeFit, labels: torch.Tensor) -> float:
+    """Mean out-of-fold log-loss, each image's capped at 20 (a class a fold never saw)."""
+    picked = fit.cv_logits.float()[torch.arange(len(labels)), labels.long()]
+    return float(-picked.clamp(min=-20.0).mean())
+
+
+def mean_of_best(fits: dict[str, ProbeFit], labels: torch.Tensor, k: int) -> ProbeFit:
+    """The k best probes by CV (balanced accuracy, ties to the lower log-loss) as one: their
+    logits averaged, which for heads on the same features is one linear layer. Its CV
+    scores are those of the averaged out-of-fold log-probabilities, on the same folds.
+
+    Averaging the best few frozen depths beat picking the best one (selection by CV on
+    few images is noisy): benchmarks/results/frozen_selection.md."""
+    ranked = sorted(fits, key=lambda name: (-fits[name].cv_balanced_accuracy, cv_log_loss(fits[name], labels)))[:k]
+    chosen = [fits[name] for name in ranked]
+    cv_logits = torch.log_softmax(torch.stack([f.cv_logits.float() for f in chosen]).mean(0), dim=1)
+    predicted = cv_logits.argmax(1)
+    return ProbeFit(
+        C=chosen[0].C,
+        weight=torch.stack([f.weight for f in chosen]).mean(0),
+        bias=torch.stack([f.bias for f in chosen]).mean(0),
+        folds=chosen[0].folds,
+        cv_logits=cv_logits,
+        cv_balanced_accuracy=balanced_accuracy_of(predicted.tolist(), labels.tolist()),
+        cv_accuracy=float((predicted == labels).float().mean()),
+        cv_scores=chosen[0].cv_scores,
+        members=ranked,
+    )
 
 
 

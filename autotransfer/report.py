@@ -73,6 +73,7 @@ class TrialRow:
     feature_level: int | None
     from_rules: bool | None  # queued by the rule engine (None: not recorded)
     all_levels: bool = False  # a frozen head on every level at once: no single depth
+    all_levels_mode: str = "level"  # with all_levels: Plan.all_levels_mode
     head_val_accuracy: float | None = None
     finetune_val_accuracy: float | None = None
     best_so_far: float | None = None
@@ -172,7 +173,7 @@ def _trials_from_leaderboard(path: Path) -> list[TrialRow]:
                 backbone=r.get("backbone") or None, strategy=r.get("strategy") or None,
                 cut=_number(r.get("cut"), int), feature_level=_number(r.get("feature_level"), int),
                 from_rules={"True": True, "False": False}.get(r.get("from_rules", "")),
-                all_levels=r.get("all_levels") == "True",
+                all_levels=r.get("all_levels") == "True", all_levels_mode=r.get("all_levels_mode") or "level",
             ))
     return rows
 
@@ -190,7 +191,7 @@ def _trials_from_folders(trials_dir: Path) -> list[TrialRow]:
             macro_f1=val.get("macro_f1"),
             seconds=(metrics or {}).get("seconds"), backbone=plan.get("backbone"),
             strategy=plan.get("strategy"), cut=plan.get("cut"), feature_level=plan.get("feature_level"),
-            from_rules=None, all_levels=bool(plan.get("all_levels")),
+            from_rules=None, all_levels=bool(plan.get("all_levels")), all_levels_mode=plan.get("all_levels_mode", "level"),
         ))
     return rows
 
@@ -746,7 +747,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
         blocks.append(("b", r.decision))
         if r.plan.reasons:
             blocks.append(("list", r.plan.reasons))
-        keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "weights", "image_size",
+        keys = ["backbone", "strategy", "cut", "feature_level", "all_levels", "all_levels_mode", "bn_mode", "weights", "image_size",
                 "epochs", "lr", "backbone_lr_ratio", "weight_decay", "class_weighting", "lp_init", "batch_size", "seed"]
         plan = asdict(r.plan)
         blocks.append(("table", ["plan field", "value"], [[k, _fmt(plan[k], ".3g")] for k in keys if k in plan]))
@@ -808,7 +809,7 @@ def _sections(r: Report) -> list[tuple[str, str, list]]:
                                  "strategy", "cut", "level", "origin", "seconds"], [
             [t.number, t.state, _fmt(t.val_balanced_accuracy), _fmt(t.val_accuracy), _fmt(t.best_so_far), _fmt(t.head_val_accuracy),
              _fmt(t.finetune_val_accuracy), t.strategy or "-", _fmt(t.cut),
-             "-" if t.strategy is None else "all" if t.all_levels else "top" if t.feature_level is None else t.feature_level,
+             "-" if t.strategy is None else {"level": "all", "feature": "all, per feature", "ensemble": "all, mean of 3"}.get(t.all_levels_mode, "all") if t.all_levels else "top" if t.feature_level is None else t.feature_level,
              "-" if t.state == "WAITING" else {True: "rules", False: "sampled", None: "-"}[t.from_rules],
              _fmt(t.seconds, ".0f")]
             for t in r.trials]))

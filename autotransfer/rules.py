@@ -56,6 +56,20 @@ THRESHOLDS = Thresholds()
 ALL_LEVELS_REASON = ("every feature level at once (Head2Toe): early levels keep what the top "
                      "specialises away; it costs one linear head on the shared pass")
 
+# Why the every-level head is also tried with each feature standardised alike (third,
+# same cost). Measured (benchmarks/results/level_scaling.md, 50/class, same features and
+# probe): per-feature scaling beat the per-level one by 0.4-3.1 held-out points on the
+# photo sets and lost by 1.4-2.2 on pneumoniamnist; CV picked the better in 4 of 6 cells.
+FEATURE_SCALING_REASON = ("every feature level, each feature standardised alike (the wide top levels weigh most, "
+                          "the plain linear-probe protocol): it beat levels weighed alike on photo sets and lost on a far one")
+
+# Why the mean of the best frozen probes is tried too (fourth; it refits the frozen probes
+# on the shared features, seconds). Measured offline (benchmarks/results/frozen_selection.md,
+# 4 datasets x 10 and 50/class x 10 seeds): averaging the 3 best depths by CV beat the best
+# single depth by CV on held-out images.
+ENSEMBLE_REASON = ("the mean of the 3 best frozen probes by cross-validation (each level, the top, every level "
+                   "at once): one probe picked on few images is often picked by noise; the mean of three is steadier")
+
 
 # The second fine-tuning family (issue 15): fastai's fine_tune recipe, measured there on
 # unseen sets with the same backbone: at 10 images/class it beat every frozen probe by 4
@@ -136,6 +150,8 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     frozen_top = _plan(base, "frozen", None, None, [*common, "the classic frozen extractor at the top"])
     frozen_below = _plan(base, "frozen", None, max(0, f.levels - 2), [*common, "one feature level below the top: with few images the best frozen cut was 1-2 blocks below the top on every set we measured"])
     frozen_all = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=True, reasons=[*common, ALL_LEVELS_REASON])
+    frozen_all_features = replace(frozen_all, all_levels_mode="feature", reasons=[*common, FEATURE_SCALING_REASON])
+    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_REASON])
     half = max(1, f.groups // 2)
     partial_mid = _plan(base, "partial", half, None, [*common, f"fine-tune the top {f.groups - half} of {f.groups} groups (from the middle)"])
     partial_far = _plan(base, "partial", max(1, half - 1), None, [*common, "far from ImageNet: more blocks retrained than near it"])
@@ -156,8 +172,8 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     else:
         lead = f"{size} (between {t.few_per_class:g} and {t.many_per_class:g}) and {where} -> fine-tune from the middle, frozen as fallback"
         ranked = [partial_mid, frozen_best, full, fastai_full]
-    if all_levels_supported(base.backbone):  # second: it costs a linear head on the shared pass
-        ranked.insert(1, frozen_all)
+    if all_levels_supported(base.backbone):  # second to fourth: linear heads on the shared pass
+        ranked[1:1] = [frozen_all, frozen_all_features, frozen_ensemble]
     ranked += [frozen_top] + [
         _plan(base, "frozen", None, level, [*common, reason]) for level, reason in _frozen_levels(f, t)
     ]
@@ -237,7 +253,7 @@ def _plan(base: Plan, strategy: str, cut: int | None, level: int | None, reasons
 def _unique(plans: list[Plan]) -> list[Plan]:
     seen, out = set(), []
     for plan in plans:
-        key = (plan.strategy, plan.cut, plan.feature_level, plan.all_levels, plan.bn_mode, plan.augment)
+        key = (plan.strategy, plan.cut, plan.feature_level, plan.all_levels, plan.all_levels_mode, plan.bn_mode, plan.augment)
         if key not in seen:
             seen.add(key)
             out.append(plan)

@@ -31,7 +31,7 @@ import optuna
 
 from autotransfer.errors import AutotransferError, PlanError, RunError
 from autotransfer.metrics import balanced_accuracy_gap_se, balanced_accuracy_of
-from autotransfer.plan import AUGMENTS, Plan
+from autotransfer.plan import AUGMENTS, ALL_LEVELS_MODES, Plan
 from autotransfer.strategies import all_levels_supported, depth_of
 
 STUDY_NAME = "autotransfer"
@@ -64,6 +64,12 @@ PRUNE_MIN_TRIALS = 3
 # of 5 folds ran 3 more folds and a refit, 76 of the fit's 148 s.
 CV_BEHIND_STANDARD_ERRORS = 2.0
 CV_MIN_FOLDS = 2
+# Among frozen trials the "ensemble" one (the mean of the 3 best probes, Plan.all_levels_mode)
+# is adopted unless the best single probe leads it by more than this many paired standard
+# errors of their cross-validated balanced accuracies. The best single probe's CV is
+# flattered by being the best of several: picking by CV alone almost never chose the
+# ensemble, which gained on held-out images (benchmarks/results/frozen_selection.md).
+ENSEMBLE_LEAD_STANDARD_ERRORS = 2.0
 
 
 def _serialise_sqlite(engine) -> None:
@@ -385,6 +391,7 @@ def plan_from_params(params: dict, base: Plan) -> Plan:
         cut=cut,
         feature_level=level,
         all_levels=all_levels,
+        all_levels_mode=params.get("all_levels_mode", "level") if all_levels else "level",
         lr=params.get("lr", base.lr) if tuned else base.lr,
         weight_decay=params.get("weight_decay", base.weight_decay) if tuned else base.weight_decay,
         class_weighting=params.get("class_weighting", base.class_weighting),
@@ -408,6 +415,8 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
         params["backbone"] = plan.backbone
     if plan.strategy == "frozen" and all_levels_supported(plan.backbone):
         params["all_levels"] = plan.all_levels
+        if plan.all_levels:
+            params["all_levels_mode"] = plan.all_levels_mode
     if plan.strategy == "partial":
         groups, _ = depth_of(plan.backbone, plan.feature_level)
         params["trained_groups"] = groups - plan.cut
@@ -430,6 +439,8 @@ def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
     params["class_weighting"] = trial.suggest_categorical("class_weighting", [False, True])
     if params["strategy"] == "frozen" and all_levels_supported(params.get("backbone", backbones[0])):
         params["all_levels"] = trial.suggest_categorical("all_levels", [False, True])
+        if params["all_levels"]:
+            params["all_levels_mode"] = trial.suggest_categorical("all_levels_mode", list(ALL_LEVELS_MODES))
     if params["strategy"] == "partial":
         params["trained_groups"] = trial.suggest_int("trained_groups", 1, MAX_TRAINED_GROUPS)
     if params["strategy"] != "frozen":  # a frozen probe tunes its own penalty by CV
@@ -451,7 +462,7 @@ def best_frozen_predictions(study: optuna.Study) -> dict | None:
     """The out-of-fold predictions of the frozen trial adopted if the search ended now
     (with its number), or None before one finished."""
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    frozen = _best_of([t for t in complete if is_frozen(t) and "cv_predictions" in t.user_attrs])
+    frozen = _best_frozen([t for t in complete if is_frozen(t) and "cv_predictions" in t.user_attrs])
     return None if frozen is None else {**frozen.user_attrs["cv_predictions"], "trial": frozen.number}
 
 
@@ -724,7 +735,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise AutotransferError("no trial finished; raise --trials or --time-budget")
-    frozen = _best_of([t for t in complete if is_frozen(t)])
+    frozen = _best_frozen([t for t in complete if is_frozen(t)])
     tuned = _best_of([t for t in complete if not is_frozen(t)])
     if frozen is None or tuned is None:
         return frozen or tuned
@@ -753,6 +764,27 @@ def _val_score(trial: optuna.trial.FrozenTrial) -> float:
     return trial.user_attrs.get("val_balanced_accuracy", trial.value)
 
 
+def is_ensemble(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.user_attrs.get("plan", {}).get("all_levels_mode") == "ensemble"
+
+
+def single_probe_wins(single: optuna.trial.FrozenTrial, ensemble: optuna.trial.FrozenTrial) -> bool:
+    """Does the best single probe lead the ensemble by more than ENSEMBLE_LEAD_STANDARD_ERRORS
+    paired standard errors on the same images?"""
+    on = shared_images(single, ensemble)
+    return single.value - ensemble.value > ENSEMBLE_LEAD_STANDARD_ERRORS * gap_standard_error(single, ensemble, on)
+
+
+def _best_frozen(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+    """The best frozen trial (`_best_of`), replaced by the best ensemble trial unless it
+    leads that one beyond ENSEMBLE_LEAD_STANDARD_ERRORS."""
+    best = _best_of(trials)
+    ensemble = _best_of([t for t in trials if is_ensemble(t)])
+    if best is None or ensemble is None or best is ensemble or single_probe_wins(best, ensemble):
+        return best
+    return ensemble
+
+
 def _best_of(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
     if not trials:
         return None
@@ -769,7 +801,7 @@ def write_leaderboard(study: optuna.Study, path: Path) -> None:
     """One row per trial: state, balanced accuracy (the objective), accuracy, seconds, plan
     essentials, whether a rule queued it."""
     fields = ["trial", "state", "val_balanced_accuracy", "val_accuracy", "val_loss", "macro_f1", "seconds",
-              "backbone", "strategy", "cut", "feature_level", "all_levels", "bn_mode", "augment", "epochs", "lr", "backbone_lr_ratio",
+              "backbone", "strategy", "cut", "feature_level", "all_levels", "all_levels_mode", "bn_mode", "augment", "epochs", "lr", "backbone_lr_ratio",
               "weight_decay", "class_weighting", "from_rules"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -794,7 +826,17 @@ def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
     score = "cross-validated balanced accuracy" if best.user_attrs.get("cv_predictions") else "val balanced accuracy"
     why = f"won the search: trial {best.number} of {len(study.trials)}, {score} {best.value:.4f}"
     top = max(family, key=_score_key)
-    if top.number != best.number:
+    single = _best_of([t for t in family if not is_ensemble(t)]) if is_ensemble(best) else None
+    if single is not None and single.value > best.value:
+        on = shared_images(single, best)
+        why += (
+            f", the mean of the best probes, kept over the best single one (trial {single.number}, {single.value:.4f}): "
+            f"a lead within {ENSEMBLE_LEAD_STANDARD_ERRORS:g} paired standard error ({gap_standard_error(single, best, on):.4f}) "
+            "is the flattery of being the best of several"
+        )
+    elif single is not None:
+        why += f", the mean of the best probes (best single probe: trial {single.number}, {single.value:.4f})"
+    elif top.number != best.number:
         why += (
             f", kept over sampled trial {top.number} ({top.value:.4f}): a lead within "
             f"{SAMPLED_LEAD_STANDARD_ERRORS:g} standard error of the gap ({gap_standard_error(top, best, shared_images(top, best)):.4f}) is noise"
@@ -803,7 +845,7 @@ def _why(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
         runner_up = max((t for t in family if t.number != best.number), key=_score_key, default=None)
         if runner_up is not None:
             why += f" (runner-up trial {runner_up.number}: {runner_up.value:.4f})"
-    other = _best_of([t for t in complete if is_frozen(t) != is_frozen(best)])
+    other = (_best_of if is_frozen(best) else _best_frozen)([t for t in complete if is_frozen(t) != is_frozen(best)])
     if other is not None:
         tuned, frozen = (other, best) if is_frozen(best) else (best, other)
         ahead = (tuned.value - frozen.value if shared_images(tuned, frozen) == "cv_predictions"

@@ -137,19 +137,26 @@ class MultiLevelNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
-    def set_standardisation(self, train_features: torch.Tensor) -> None:
-        """Standardise each feature with the training set's mean and spread, then scale each
-        level to a mean norm of LEVEL_NORM (a level of d varying features: LEVEL_NORM /
-        sqrt(d)); features constant on the training set (dead units) count for nothing."""
+    def set_standardisation(self, train_features: torch.Tensor, scaling: str = "level") -> None:
+        """Standardise each feature with the training set's mean and spread; with scaling
+        "level", then scale each level to a mean norm of LEVEL_NORM (a level of d varying
+        features: LEVEL_NORM / sqrt(d)), with "feature" leave it so (Plan.all_levels_mode;
+        an "ensemble" head sets this layer to identity, `train.ensemble_probe`).
+        Features constant on the training set (dead units) count for nothing."""
         standardise = self.classifier[0]
         std = train_features.float().std(dim=0, unbiased=False)
         varying = std > 1e-6
-        level = torch.cat([
-            torch.full((d,), LEVEL_NORM / max(1, int(alive.sum())) ** 0.5)
-            for d, alive in zip(self.dims, varying.split(self.dims))
-        ])
+        if scaling == "level":
+            weight = torch.cat([
+                torch.full((d,), LEVEL_NORM / max(1, int(alive.sum())) ** 0.5)
+                for d, alive in zip(self.dims, varying.split(self.dims))
+            ])
+        elif scaling == "feature":
+            weight = torch.ones(sum(self.dims))
+        else:
+            raise ValueError(f"scaling must be 'level' or 'feature', not {scaling!r}")
         standardise.mean.copy_(train_features.float().mean(dim=0))
-        standardise.scale.copy_(torch.where(varying, level / std.clamp(min=1e-6), 0.0))
+        standardise.scale.copy_(torch.where(varying, weight / std.clamp(min=1e-6), 0.0))
 
     def train(self, mode: bool = True) -> "MultiLevelNet":
         super().train(mode)

@@ -36,7 +36,7 @@ _TRIAL_FOLD, _TRIAL_RESULT = "  fold ", "  -> "
 
 def short(plan: Plan) -> str:
     """A Plan in a few words, for a table cell: strategy, depth, and what fine-tuning sets."""
-    depth = "every level" if plan.all_levels else "top" if plan.feature_level is None else f"level {plan.feature_level}"
+    depth = ("every level" + {"level": "", "feature": ", per feature", "ensemble": ", mean of 3"}[plan.all_levels_mode]) if plan.all_levels else "top" if plan.feature_level is None else f"level {plan.feature_level}"
     if plan.strategy == "frozen":
         return f"frozen @ {depth}"
     what = f"partial, cut {plan.cut}" if plan.strategy == "partial" else "full"

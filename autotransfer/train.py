@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -39,7 +39,7 @@ from autotransfer.features import (
 )
 from autotransfer.metrics import balanced_accuracy, classification_report
 from autotransfer.plan import Compute, Plan
-from autotransfer.probe import ProbeFit, cv_splits, fit_probe
+from autotransfer.probe import ProbeFit, cv_splits, fit_probe, mean_of_best
 from autotransfer.strategies import ALL_LEVELS, MultiLevelNet, Preprocessing, TransferNet, build_net
 
 
@@ -420,9 +420,11 @@ def fit(
                 "balanced_accuracy": probe.cv_balanced_accuracy, "accuracy": probe.cv_accuracy,
                 "n": len(pool_y), "folds": probe.folds, "C": probe.C, "refit": refit,
                 "predicted": probe.cv_logits.argmax(1).tolist(), "target": pool_y.tolist(),
+                **({"members": probe.members} if probe.members else {}),
             }
             head_score = probe.cv_balanced_accuracy
-            log(f"linear probe (C {probe.C:.2g}, {probe.folds}-fold CV on {len(pool_y)} images): "
+            log(f"linear probe ({'mean of ' + ', '.join(probe.members) if probe.members else f'C {probe.C:.2g}'}, "
+                f"{probe.folds}-fold CV on {len(pool_y)} images): "
                 f"accuracy {probe.cv_accuracy:.4f}, balanced {head_score:.4f}"
                 + (", refit on all of them" if refit else ""))
         else:  # LP-FT: the probe on train only, so that val can judge the fine-tuning
@@ -617,29 +619,73 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
     return len(images)
 
 
+# Members of an all_levels_mode "ensemble" head: the mean of the 3 best frozen probes by CV
+# beat the single best by 0.6 +- 0.3 held-out points (benchmarks/results/frozen_selection.md).
+ENSEMBLE_SIZE = 3
+
+
 def probe_head(
     net: TransferNet | MultiLevelNet, feats: torch.Tensor, labels: torch.Tensor, plan: Plan, num_classes: int,
     fit_on: torch.Tensor | None = None,
 ) -> ProbeFit:
     """Fit `net`'s classifier as the cross-validated linear probe on cached features.
 
-    A MultiLevelNet standardises each level to the same norm first (its own first layer):
-    the probe's per-feature standardisation would give a level of 1,280 features 80 times
-    the say of one of 16.
+    A MultiLevelNet standardises with its own first layer, saved with the model: by
+    default each level to the same norm (the probe's per-feature standardisation would
+    give a level of 1,280 features 80 times the say of one of 16), or per feature
+    (Plan.all_levels_mode "feature"). Mode "ensemble" averages the best probes of
+    several depths instead (`ensemble_probe`).
     """
     if isinstance(net, MultiLevelNet):
-        net.set_standardisation(feats if fit_on is None else feats[fit_on])
-        with torch.no_grad():
-            feats = net.classifier[0](feats.to(net.classifier[0].mean.device)).cpu()
-        layer, standardise = net.classifier[1], False
+        if plan.all_levels_mode == "ensemble":
+            probe = ensemble_probe(net, feats, labels, plan, num_classes, fit_on)
+            net.classifier[0].mean.zero_()  # its weights are on raw features
+            net.classifier[0].scale.fill_(1.0)
+        else:
+            probe = levels_probe(net, feats, labels, plan.all_levels_mode, plan, num_classes, fit_on)
+        layer = net.classifier[1]
     else:
-        layer, standardise = net.classifier, True
-    probe = fit_probe(feats, labels, num_classes, plan.class_weighting, plan.seed,
-                      standardise=standardise, fit_on=fit_on)
+        layer = net.classifier
+        probe = fit_probe(feats, labels, num_classes, plan.class_weighting, plan.seed, fit_on=fit_on)
     with torch.no_grad():
         layer.weight.copy_(probe.weight)
         layer.bias.copy_(probe.bias)
     return probe
+
+
+def levels_probe(
+    net: MultiLevelNet, feats: torch.Tensor, labels: torch.Tensor, mode: str, plan: Plan, num_classes: int,
+    fit_on: torch.Tensor | None = None,
+) -> ProbeFit:
+    """The probe on every level at once, standardised by net's first layer as `mode` says
+    (set here); its weights apply after that layer."""
+    net.set_standardisation(feats if fit_on is None else feats[fit_on], mode)
+    with torch.no_grad():
+        feats = net.classifier[0](feats.to(net.classifier[0].mean.device)).cpu()
+    return fit_probe(feats, labels, num_classes, plan.class_weighting, plan.seed, standardise=False, fit_on=fit_on)
+
+
+def ensemble_probe(
+    net: MultiLevelNet, feats: torch.Tensor, labels: torch.Tensor, plan: Plan, num_classes: int,
+    fit_on: torch.Tensor | None = None,
+) -> ProbeFit:
+    """The mean of the ENSEMBLE_SIZE best probes by CV among each feature level alone, the
+    top, and every level at once in both modes, on the same folds. Every member is affine
+    in the raw features of every level, so the mean is one linear layer on them: the model
+    is a MultiLevelNet like any other, for predict and export alike."""
+    fits, start = {}, 0
+    for name, dim in zip([*(f"level {i}" for i in net.levels), "top"], net.dims):
+        fit = fit_probe(feats[:, start:start + dim], labels, num_classes, plan.class_weighting, plan.seed, fit_on=fit_on)
+        weight = torch.zeros(num_classes, feats.shape[1])
+        weight[:, start:start + dim] = fit.weight
+        fits[name] = replace(fit, weight=weight)
+        start += dim
+    for mode in ("level", "feature"):
+        fit = levels_probe(net, feats, labels, mode, plan, num_classes, fit_on)
+        standardise = net.classifier[0]
+        weight = fit.weight * standardise.scale.cpu()  # (x - mean) * scale, folded into the layer
+        fits[f"every level ({mode})"] = replace(fit, weight=weight, bias=fit.bias - weight @ standardise.mean.cpu())
+    return mean_of_best(fits, labels, ENSEMBLE_SIZE)
 
 
 @torch.no_grad()

@@ -31,14 +31,19 @@ import torch
 from autotransfer.backbones import get_backbone
 from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, scan_datasets
 from autotransfer.features import cache_feature_levels, use_cache
+from autotransfer.metrics import balanced_accuracy_gap_se, balanced_accuracy_of
 from autotransfer.plan import Plan
 from autotransfer.probe import fit_probe
 from autotransfer.references import depth_features
 from autotransfer.strategies import ALL_LEVELS, build_net
 
 
+ALL_BY_FEATURE = "all-feature"  # every level at once, Plan.all_levels_mode "feature"
+ENSEMBLE = "ensemble"  # Plan.all_levels_mode "ensemble"
+
+
 def depth_label(level) -> str:
-    return "all" if level == ALL_LEVELS else "top" if level is None else f"L{level}"
+    return {ALL_LEVELS: "all", ALL_BY_FEATURE: "all (per feature)"}.get(level, "top" if level is None else f"L{level}")
 
 
 def dataset_features(scan, base: Plan, levels: list) -> dict:
@@ -55,11 +60,11 @@ def dataset_features(scan, base: Plan, levels: list) -> dict:
 
 def probe_at(level, feats: dict, index: np.ndarray, num_classes: int, seed: int, multi) -> dict:
     """The product's probe at one depth on the sampled images: CV scores and held-out probabilities."""
-    x, y, tx, ty = feats[level]
+    x, y, tx, ty = feats[ALL_LEVELS if level == ALL_BY_FEATURE else level]
     x, y = x[index], y[index]
     standardise = True
-    if level == ALL_LEVELS:  # as train.probe_head does for a MultiLevelNet
-        multi.set_standardisation(x)
+    if level in (ALL_LEVELS, ALL_BY_FEATURE):  # as train.probe_head does for a MultiLevelNet
+        multi.set_standardisation(x, "feature" if level == ALL_BY_FEATURE else "level")
         with torch.no_grad():
             x, tx = multi.classifier[0](x), multi.classifier[0](tx)
         standardise = False
@@ -68,17 +73,46 @@ def probe_at(level, feats: dict, index: np.ndarray, num_classes: int, seed: int,
     cv = fit.cv_logits.float()
     cv_loss = float(-torch.clamp(cv[torch.arange(len(y)), y], min=-20.0).mean())
     return {
-        "cv_balanced": fit.cv_balanced_accuracy, "cv_loss": cv_loss,
-        "proba": torch.softmax(logits, 1).numpy(), "C": fit.C,
+        "cv_balanced": fit.cv_balanced_accuracy, "cv_loss": cv_loss, "cv_y": y,
+        "proba": torch.softmax(logits, 1).numpy(), "logits": logits.numpy(), "C": fit.C, "cv_logits": cv,
     }
+
+
+def best_by_cv(results: dict, order: list):
+    """The product's pick: highest CV balanced accuracy, ties to the lower log-loss, then rank."""
+    return max(order, key=lambda lv: (results[lv]["cv_balanced"], -results[lv]["cv_loss"], -order.index(lv)))
 
 
 def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     """Each selection rule's held-out probabilities. `order`: the rules' rank of depths
-    (ties of the product's rule go to the earlier one)."""
+    (ties of the product's rule go to the earlier one), the every-level head with
+    per-feature scaling left out but for the rules that name it."""
     picks = {}
-    current = max(order, key=lambda lv: (results[lv]["cv_balanced"], -results[lv]["cv_loss"], -order.index(lv)))
-    picks["product (CV bal. acc, ties log-loss)"] = results[current]["proba"]
+    picks["product (CV bal. acc, ties log-loss)"] = results[best_by_cv(results, order)]["proba"]
+    both = [order[0], order[1], ALL_BY_FEATURE, *order[2:]]  # the rules' order with both scalings
+    picks["product + all per feature"] = results[best_by_cv(results, both)]["proba"]
+    top3 = sorted(both, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
+    picks["+ all per feature, mean of best 3 by CV"] = np.mean([results[lv]["proba"] for lv in top3], 0)
+    picks["+ all per feature, mean logits of best 3"] = np.mean([results[lv]["logits"] for lv in top3], 0)
+    # the product with the "ensemble" candidate too (Plan.all_levels_mode): its CV is that of the
+    # mean out-of-fold log-probabilities of the 3 best, and it competes with the single depths
+    mean_cv = torch.log_softmax(torch.stack([results[lv]["cv_logits"] for lv in top3]).mean(0), 1)
+    y = results[None]["cv_y"]
+    results[ENSEMBLE] = {
+        "cv_balanced": balanced_accuracy_of(mean_cv.argmax(1).tolist(), y.tolist()),
+        "cv_loss": float(-torch.clamp(mean_cv[torch.arange(len(y)), y], min=-20.0).mean()),
+        "proba": torch.softmax(torch.from_numpy(picks["+ all per feature, mean logits of best 3"]), 1).numpy(),
+    }
+    picks["product + all per feature + ensemble"] = results[best_by_cv(results, [*both[:3], ENSEMBLE, *both[3:]])]["proba"]
+    # the ensemble unless the best single probe leads it on CV by more than k paired SEs
+    single = best_by_cv(results, both)
+    ensemble_pred, single_pred = mean_cv.argmax(1).tolist(), results[single]["cv_logits"].argmax(1).tolist()
+    se = balanced_accuracy_gap_se(single_pred, ensemble_pred, y.tolist())
+    lead = results[single]["cv_balanced"] - results[ENSEMBLE]["cv_balanced"]
+    for k in (1.0, 2.0):
+        picks[f"ensemble unless a single leads by > {k:g} SE"] = results[single if lead > k * se else ENSEMBLE]["proba"]
+    del results[ENSEMBLE]
+    picks["fixed all (per feature)"] = results[ALL_BY_FEATURE]["proba"]
     picks["lowest CV log-loss"] = results[min(order, key=lambda lv: results[lv]["cv_loss"])]["proba"]
     for lv in order:
         picks[f"fixed {depth_label(lv)}"] = results[lv]["proba"]
@@ -125,13 +159,13 @@ def main() -> int:
                         rng.permutation(np.flatnonzero(pool_y == c))[:per_class] for c in np.unique(pool_y)
                     ]))
                     t1 = time.time()
-                    results = {lv: probe_at(lv, feats, index, len(scan.classes), seed, multi) for lv in levels}
+                    results = {lv: probe_at(lv, feats, index, len(scan.classes), seed, multi) for lv in [*levels, ALL_BY_FEATURE]}
                     # the rules' order of frozen Plans today: top, every level, then the levels below the top
                     order = [None, ALL_LEVELS, *reversed(range(n_levels))]
                     accuracy = {rule: round(float((p.argmax(1) == ty).mean()), 4) for rule, p in rules(results, order).items()}
                     cells.append({
                         "dataset": name, "per_class": per_class, "seed": seed, "heldout_accuracy": accuracy,
-                        "cv": {depth_label(lv): [results[lv]["cv_balanced"], results[lv]["cv_loss"], results[lv]["C"]] for lv in levels},
+                        "cv": {depth_label(lv): [results[lv]["cv_balanced"], results[lv]["cv_loss"], results[lv]["C"]] for lv in results},
                     })
                     line = ", ".join(f"{r.split(' (')[0]} {a:.3f}" for r, a in accuracy.items() if not r.startswith("fixed"))
                     print(f"  {per_class}/class seed {seed} ({time.time() - t1:.0f}s): {line}", flush=True)

@@ -270,3 +270,17 @@ def truncated_run(tmp_path_factory, split_folder: Path) -> Path:
 def all_levels_run(tmp_path_factory, split_folder: Path) -> Path:
     """A frozen run reading every feature level of test_efficientnet at once."""
     return _fit_session_run(tmp_path_factory, split_folder, "all-levels", backbone="test_efficientnet", all_levels=True)
+
+
+@pytest.fixture(scope="session")
+def all_levels_feature_run(tmp_path_factory, split_folder: Path) -> Path:
+    """all_levels_run with each feature standardised alike instead of each level."""
+    return _fit_session_run(tmp_path_factory, split_folder, "all-levels-feature", backbone="test_efficientnet",
+                            all_levels=True, all_levels_mode="feature")
+
+
+@pytest.fixture(scope="session")
+def all_levels_ensemble_run(tmp_path_factory, split_folder: Path) -> Path:
+    """all_levels_run as the mean of the best probes of several depths."""
+    return _fit_session_run(tmp_path_factory, split_folder, "all-levels-ensemble", backbone="test_efficientnet",
+                            all_levels=True, all_levels_mode="ensemble")

@@ -381,3 +381,36 @@ def test_merging_an_already_merged_report_keeps_every_command() -> None:
     assert [(c["dataset"], c["size"]) for c in merged["cells"]] == [("a", "10/class"), ("b", "10/class"), ("a", "50/class")]
     with pytest.raises(DataError, match="two bench reports hold b 10/class of seed 0"):
         merge_by_seed([old, report("bench b --per-class 10", ("b", "10/class"))])
+
+
+def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
+    tiny_bench: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+    out, _ = tiny_bench
+    before = json.loads((out / "bench.json").read_text())
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_rerun_auto.py"
+    done = subprocess.run([sys.executable, str(script), str(out / "bench.json"), "--note", "after a change",
+                           "--out", str(tmp_path / "rerun")], capture_output=True, text=True, env=os.environ)
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = json.loads((tmp_path / "rerun" / "bench" / "bench.json").read_text())
+    (old,), (new,) = before["cells"], after["cells"]
+    assert new["heldout_targets"] == old["heldout_targets"] and new["images"] == old["images"]
+    for a, b in zip(old["rows"], new["rows"]):
+        if b["recipe"] == "autotransfer":
+            assert b["rerun"]["before"]["heldout_accuracy"] == a["heldout_accuracy"] and b["seconds"] != a["seconds"]
+            assert b["trials_run"] == 2 and len(b["heldout_predicted"]) == len(new["heldout_targets"])
+        else:  # kept as it was, its regret re-scored against the same best row
+            assert {k: v for k, v in b.items() if k not in ("regret", "regret_se")} == {
+                k: v for k, v in a.items() if k not in ("regret", "regret_se")}
+    assert after["reruns"][0]["rows"] == ["autotransfer"] and after["reruns"][0]["note"] == "after a change"
+    assert "Rerun of the autotransfer row(s) only, every other row kept as it was: after a change" in (
+        tmp_path / "rerun" / "bench" / "bench.md").read_text()
+
+    other = json.loads(json.dumps(before))
+    other["cells"][0]["heldout_targets"] = list(reversed(other["cells"][0]["heldout_targets"])) + [0]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "other.json"), "--note", "x",
+                              "--out", str(tmp_path / "rerun2")], capture_output=True, text=True, env=os.environ)
+    assert refused.returncode == 1 and "the images differ from the bench's" in refused.stderr

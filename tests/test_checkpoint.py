@@ -114,7 +114,9 @@ def test_unreadable_or_foreign_model_file_is_a_run_error(tmp_path):
         load_model(tmp_path / "foreign")
 
 
-def test_all_levels_model_file_predicts_what_the_run_measured(all_levels_run, split_folder):
+@pytest.mark.parametrize("run", ["all_levels_run", "all_levels_feature_run", "all_levels_ensemble_run"])
+def test_all_levels_model_file_predicts_what_the_run_measured(run, split_folder, request):
+    all_levels_run = request.getfixturevalue(run)
     payload = read_checkpoint(all_levels_run)
     assert "all_levels_head" in payload
     plain = timm.create_model(payload["architecture"], pretrained=False, num_classes=0)
@@ -131,6 +133,7 @@ def test_all_levels_model_file_predicts_what_the_run_measured(all_levels_run, sp
     report = evaluate_records(all_levels_run, scan_folder(split_folder).splits["val"], classes)
     assert report["confusion_matrix"] == metrics["val"]["confusion_matrix"]
     assert report["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-4)
+    assert len(metrics["cv"].get("members", [])) == (3 if run == "all_levels_ensemble_run" else 0)
 
 
 # ---------------------------------------------------------------- a plugin's architecture (issue 17)
@@ -192,3 +195,20 @@ def test_a_plugin_model_loads_in_a_fresh_process_through_its_plugin_or_names_it(
                                             r"autotransfer-leaky\[leaky\], which is not installed; install it "
                                             r"\(pip install autotransfer-leaky\)"):
         load_model(plugin_run)
+
+
+def test_the_two_all_levels_modes_differ_by_one_factor_per_level(all_levels_run, all_levels_feature_run):
+    """Same features, same standardisation; "level" then scales each level's d varying
+    features by LEVEL_NORM / sqrt(d), which is all that differs in the saved heads."""
+    from autotransfer.checkpoint import load_model as load
+    from autotransfer.strategies import LEVEL_NORM
+
+    assert json.loads((all_levels_feature_run / "plan.json").read_text())["all_levels_mode"] == "feature"
+    level, feature = (read_checkpoint(run)["all_levels_head"] for run in (all_levels_run, all_levels_feature_run))
+    torch.testing.assert_close(level["0.mean"], feature["0.mean"])
+    start = 0
+    for dim in load(all_levels_run)[0].dims:
+        alive = feature["0.scale"][start:start + dim] != 0
+        ratio = level["0.scale"][start:start + dim][alive] / feature["0.scale"][start:start + dim][alive]
+        torch.testing.assert_close(ratio, torch.full_like(ratio, LEVEL_NORM / int(alive.sum()) ** 0.5))
+        start += dim

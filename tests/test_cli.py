@@ -777,7 +777,7 @@ def test_the_quick_start_on_a_terminal_shows_the_ranked_table_the_bar_and_the_de
     assert piped.returncode == 0, piped.stderr.decode()
     assert b"\r" not in piped.stdout + piped.stderr and b"\x1b" not in piped.stdout + piped.stderr
     log = piped.stdout.decode().splitlines()
-    assert re.fullmatch(r"1 \| test_efficientnet \| frozen @ top +\| +1 pass \| 6 images/class.*", log[log.index("ranked plans (the rules' order; the search tries them first):") + 3])
+    assert re.fullmatch(r" *1 \| test_efficientnet \| frozen @ top +\| +1 pass \| 6 images/class.*", log[log.index("ranked plans (the rules' order; the search tries them first):") + 3])
     assert [line for line in log if line.startswith("decision: ")] == [f"decision: {_decision(tmp_path / 'tty')}"]
     assert (tmp_path / "log" / "plan.json").read_text() == (tmp_path / "tty" / "plan.json").read_text()
 

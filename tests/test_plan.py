@@ -30,6 +30,8 @@ def test_defaults_are_a_valid_frozen_plan():
         ({"image_size": 8}, r"image_size must be at least 16 px, but got 8"),
         ({"all_levels": True, "strategy": "full"}, r"all_levels .* needs strategy 'frozen' and no feature_level, but got strategy 'full'"),
         ({"all_levels": True, "feature_level": 2}, r"all_levels .* but got strategy 'frozen', feature_level 2"),
+        ({"all_levels_mode": "feature"}, r"all_levels_mode 'feature' says how every level is read at once; it needs all_levels true"),
+        ({"all_levels": True, "all_levels_mode": "pca"}, r"all_levels_mode must be one of level, feature, ensemble, but got 'pca'"),
         ({"lr": float("nan")}, r"lr must be a finite number, but got nan"),
         ({"lr": float("inf")}, r"lr must be a finite number, but got inf"),
         ({"weight_decay": -1e-4}, r"weight_decay must be at least 0, but got -0.0001"),

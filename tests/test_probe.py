@@ -11,7 +11,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from autotransfer.probe import C_GRID, fit_probe, folds_for, stratified_sample
+from autotransfer.probe import C_GRID, ProbeFit, cv_log_loss, fit_probe, folds_for, mean_of_best, stratified_sample
 
 
 def blobs(n: int, d: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,3 +106,21 @@ def test_the_sample_is_stratified_reproducible_and_keeps_every_class():
     assert not np.array_equal(sample, stratified_sample(labels, 100, seed=2))
     assert np.bincount(labels[sample]).tolist() == [91, 9, 3]  # in proportion; a tiny class whole
     assert len(set(sample.tolist())) == len(sample)
+
+
+def test_mean_of_best_averages_the_k_best_by_cv_with_ties_to_the_lower_log_loss():
+    labels = torch.tensor([0, 0, 1, 1])
+
+    def fit(score: float, confidence: float, value: float) -> ProbeFit:
+        right = torch.log(torch.tensor([[confidence, 1 - confidence]] * 2 + [[1 - confidence, confidence]] * 2))
+        return ProbeFit(C=value, weight=torch.full((2, 3), value), bias=torch.full((2,), value), folds=2,
+                        cv_logits=right, cv_balanced_accuracy=score, cv_accuracy=score, cv_scores={})
+
+    fits = {"a": fit(0.9, 0.6, 1.0), "b": fit(0.9, 0.8, 2.0), "c": fit(0.5, 0.7, 4.0), "d": fit(0.7, 0.9, 8.0)}
+    assert cv_log_loss(fits["b"], labels) < cv_log_loss(fits["a"], labels)
+    mean = mean_of_best(fits, labels, 3)
+    assert mean.members == ["b", "a", "d"]  # 0.9 (lower loss first), 0.9, 0.7; c left out
+    torch.testing.assert_close(mean.weight, torch.full((2, 3), 11.0 / 3))
+    torch.testing.assert_close(mean.bias, torch.full((2,), 11.0 / 3))
+    assert mean.C == 2.0 and mean.cv_balanced_accuracy == 1.0 and mean.cv_accuracy == 1.0
+    torch.testing.assert_close(mean.cv_logits.exp().sum(1), torch.ones(4))  # still log-probabilities

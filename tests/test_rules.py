@@ -101,7 +101,7 @@ def test_uncalibrated_distance_is_not_read_as_far(profile: Profile) -> None:
 def test_plans_are_unique_and_valid(profile: Profile) -> None:
     for per_class in (5, 50, 5000):
         plans = rank_plans(shaped(profile, per_class=per_class), BASE)
-        keys = [(p.strategy, p.cut, p.feature_level, p.all_levels, p.bn_mode, p.augment) for p in plans]
+        keys = [(p.strategy, p.cut, p.feature_level, p.all_levels, p.all_levels_mode, p.bn_mode, p.augment) for p in plans]
         assert len(keys) == len(set(keys))
         tuned = [p for p in plans if p.strategy != "frozen"]  # both fine-tuning families, at every size
         assert {(p.bn_mode, p.augment) for p in tuned} == {("frozen", "crop"), ("train", "strong")}, per_class
@@ -162,9 +162,12 @@ def test_plans_across_backbones_lead_with_one_and_try_the_others(profile: Profil
     assert rank_plans_across_backbones(profiles[:1], {}, BASE) == own  # one backbone: its own ranking
 
 
-def test_every_level_at_once_is_tried_second(profile: Profile) -> None:
+def test_every_level_at_once_is_tried_second_to_fourth_in_each_mode(profile: Profile) -> None:
     for per_class in (5, 50, 5000):
         plans = rank_plans(shaped(profile, per_class=per_class), BASE)
         assert [p.all_levels for p in plans].index(True) == 1
-        assert sum(p.all_levels for p in plans) == 1
+        assert [(p.all_levels, p.all_levels_mode) for p in plans[1:4]] == [(True, "level"), (True, "feature"), (True, "ensemble")]
+        assert sum(p.all_levels for p in plans) == 3
         assert plans[1].strategy == "frozen" and "every feature level at once" in " ".join(plans[1].reasons)
+        assert plans[2].strategy == "frozen" and "each feature standardised alike" in " ".join(plans[2].reasons)
+        assert plans[3].strategy == "frozen" and "the mean of the 3 best frozen probes" in " ".join(plans[3].reasons)

@@ -22,6 +22,7 @@ from autotransfer.plan import Compute, Plan
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
+    best_frozen_predictions,
     enqueue_plans,
     fill_queue,
     make_objective,
@@ -91,6 +92,7 @@ def config(storage: str, trials: int | None = 6, heartbeat_seconds: int = 10) ->
         replace(BASE, strategy="partial", cut=1, feature_level=2),
         replace(BASE, strategy="full", bn_mode="train", epochs=4),
         replace(BASE, strategy="frozen", all_levels=True),
+        replace(BASE, strategy="frozen", all_levels=True, all_levels_mode="feature"),
     ],
 )
 def test_params_round_trip(plan: Plan) -> None:
@@ -735,3 +737,31 @@ def _slow(seconds: float):
         return fake_trial(plan, trial_dir, report)
 
     return run
+
+
+@pytest.mark.parametrize("single, ensemble_kept", [
+    ("close", True),  # 3 more right, none fewer: ~1.8 SE, within the 2 SE this case sets
+    ("scattered", True),  # 3 more on balance, 37 disagreements: ~0.6 SE, the flattery of the best of several
+    ("far", False),  # 12 more right, none fewer: far beyond one SE
+])
+def test_the_mean_of_the_best_probes_is_kept_unless_a_single_probe_leads_it_beyond_one_se(
+    tmp_path: Path, single: str, ensemble_kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("autotransfer.search.ENSEMBLE_LEAD_STANDARD_ERRORS", 2.0 if single == "close" else 1.0)
+    cfg = config(":memory:", trials=None)
+    study = open_study(cfg)
+    ensemble = replace(BASE, strategy="frozen", all_levels=True, all_levels_mode="ensemble", reasons=["rule"])
+    level = replace(BASE, strategy="frozen", feature_level=3, reasons=["rule"])
+    enqueue_plans(study, [level, ensemble], cfg.backbones)
+    correct = {**CHALLENGERS, "far": set(range(92))}[single]
+
+    def trial(plan: Plan, trial_dir: Path, report, after_fold=None) -> dict:
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        return scored(RULE_CORRECT if plan.all_levels else correct, cv=True)
+
+    study.optimize(make_objective(cfg, tmp_path, trial), n_trials=2)
+    plan, best = adopt_best(study, tmp_path)
+    assert (plan.all_levels_mode == "ensemble") == ensemble_kept
+    if ensemble_kept:
+        assert any("the mean of the best probes, kept over the best single one" in r for r in plan.reasons)
+    assert best_frozen_predictions(study)["trial"] == best.number  # the rival fine-tuning trials are stopped against

@@ -314,3 +314,20 @@ def test_all_levels_weighs_every_level_the_same():
         level = standardised[:, start:start + dim]
         assert float(level.pow(2).sum(dim=1).mean()) == pytest.approx(LEVEL_NORM ** 2, rel=1e-3)
         start += dim
+
+
+def test_all_levels_per_feature_scaling_standardises_each_feature_and_drops_dead_ones():
+    net = build_net(get_backbone("test_resnet"), Plan("test_resnet", weights="random", image_size=32, all_levels=True), 3)
+    with torch.no_grad():
+        features = net.features(torch.randn(16, 3, 32, 32) * 3 + 1)
+    features[:, 0] = 2.5  # a dead unit: constant on the training images
+    net.set_standardisation(features, "feature")
+    standardised = net.classifier[0](features)
+    alive = features.std(dim=0, unbiased=False) > 1e-6
+    assert not alive[0] and alive.sum() > 100
+    torch.testing.assert_close(standardised.std(dim=0, unbiased=False)[alive], torch.ones(int(alive.sum())), atol=1e-3, rtol=0)
+    assert float(standardised[:, ~alive].abs().max()) == 0.0
+    net.set_standardisation(features, "level")  # the default weighs levels: different scales
+    assert not torch.allclose(net.classifier[0](features), standardised)
+    with pytest.raises(ValueError, match="scaling must be 'level' or 'feature'"):
+        net.set_standardisation(features, "pca")

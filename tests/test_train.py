@@ -427,3 +427,32 @@ def test_cross_validation_tells_after_each_fold_what_it_scored_and_stops_when_to
     assert heard[0][1] == splits[0][1].tolist() and sorted(heard[1][1]) == sorted(splits[0][1].tolist() + splits[1][1].tolist())
     assert all(len(predicted) == len(images) and set(predicted) <= set(range(len(CLASSES))) for _, images, predicted in heard)
     assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["fold0", "fold1"]
+
+
+def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_logits():
+    from autotransfer.probe import cv_log_loss
+    from autotransfer.train import ENSEMBLE_SIZE, levels_probe, probe_head
+
+    plan = Plan("test_resnet", weights="random", image_size=32, all_levels=True, all_levels_mode="ensemble")
+    net = build_net(get_backbone("test_resnet"), plan, 3)
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(8)
+    with torch.no_grad():  # images whose class shifts their brightness: every level sees some of it
+        feats = net.features(torch.randn(24, 3, 32, 32) + labels.view(-1, 1, 1, 1).float())
+    probe = probe_head(net, feats, labels, plan, 3)
+    assert len(probe.members) == ENSEMBLE_SIZE and len(set(probe.members)) == ENSEMBLE_SIZE
+    # each member again, on its own: a probe on one level's (or the top's) features, or on every level
+    other = build_net(get_backbone("test_resnet"), plan, 3)
+    logits, fits, start = {}, {}, 0
+    for name, dim in zip([*(f"level {i}" for i in net.levels), "top"], net.dims):
+        fits[name] = fit_probe(feats[:, start:start + dim], labels, 3, seed=plan.seed)
+        logits[name] = feats[:, start:start + dim] @ fits[name].weight.T + fits[name].bias
+        start += dim
+    for mode in ("level", "feature"):
+        fits[f"every level ({mode})"] = levels_probe(other, feats, labels, mode, plan, 3)
+        with torch.no_grad():
+            logits[f"every level ({mode})"] = other.classifier[0](feats) @ fits[f"every level ({mode})"].weight.T + fits[f"every level ({mode})"].bias
+    best = sorted(fits, key=lambda n: (-fits[n].cv_balanced_accuracy, cv_log_loss(fits[n], labels)))[:ENSEMBLE_SIZE]
+    assert probe.members == best
+    with torch.no_grad():
+        torch.testing.assert_close(net.classifier(feats), torch.stack([logits[n] for n in best]).mean(0), rtol=1e-4, atol=1e-3)
