@@ -10,10 +10,14 @@ every depth, and each selection rule's pick is scored on the held-out images.
     python benchmarks/bench_frozen_selection.py /work/shared/datasets/{hymenoptera,flowers,cifar10,pneumoniamnist} \
         --seeds 10 --out benchmarks/results/frozen_selection
 
-Rules compared: the product's (highest CV balanced accuracy, ties to the lower
-out-of-fold log-loss), lowest CV log-loss, each fixed depth, and the mean probabilities
-of all depths' probes or of the best three by CV. Mean held-out accuracy per rule, and
-each rule's paired gap to the product's rule with its standard error over cells x seeds.
+Rules compared: the product's before the every-level modes (highest CV balanced
+accuracy, ties to the lower out-of-fold log-loss, among each level, the top and every
+level at once), the same with the per-feature every-level head added, the mean
+probabilities or logits of the best three of those by CV, the "ensemble" candidate
+competing by CV, the ensemble unless the best single probe leads it by more than 1 or 2
+paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS), lowest CV log-loss, each fixed depth,
+and the mean of all depths. Mean held-out accuracy per rule, and each rule's paired gap
+to the first with its standard error over cells x seeds.
 """
 
 from __future__ import annotations

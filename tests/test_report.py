@@ -92,7 +92,8 @@ def test_search_run_report(search_run: Path, search_report: Path) -> None:
     heads = [p for p in report["curve"] if p["source"] == "trial-head"]
     one_depth = {t["number"] for t in trials if t["state"] == "COMPLETE" and not t["all_levels"]}
     assert {p["trial"] for p in heads} == one_depth  # a head on every level at once has no depth
-    assert [t["all_levels"] for t in trials].count(True) == 1  # the rules' second Plan
+    assert [(t["all_levels"], t["all_levels_mode"]) for t in trials].count((True, "level")) == 1  # the rules' second Plan
+    assert [(t["all_levels"], t["all_levels_mode"]) for t in trials].count((True, "feature")) == 1  # and third
     for p in report["curve"]:
         assert 0 <= p["cut"] <= groups and 0.0 <= p["accuracy"] <= 1.0
         if p["source"] == "trial-finetune":
