@@ -720,7 +720,7 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
             score_cell(cell)
             write_reports(report, out)
     report["reruns"] = [*report.get("reruns", []), {
-        "rows": [AUTO], "note": note, "seconds": round(time.perf_counter() - start, 1),
+        "rows": ["autotransfer"], "note": note, "seconds": round(time.perf_counter() - start, 1),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment(),
     }]
     write_reports(report, out)
