@@ -688,7 +688,7 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
     (e.g. the commit) is recorded in the report and shown in its preamble.
     """
     settings = BenchSettings(**report["settings"])
-    start = time.perf_counter()
+    start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
     with use_cache(out / "cache"):
         warmed: set[int | None] = set()
@@ -721,7 +721,7 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
             write_reports(report, out)
     report["reruns"] = [*report.get("reruns", []), {
         "rows": ["autotransfer"], "note": note, "seconds": round(time.perf_counter() - start, 1),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **environment(),
+        "started": started, **environment(),
     }]
     write_reports(report, out)
     return report
