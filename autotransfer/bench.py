@@ -477,6 +477,16 @@ def cell_data(scan: DatasetScan, per_class: int | None, settings: BenchSettings)
     return draw_val(sub, base.val_fraction, settings.seed), base
 
 
+def split_counts(scan: DatasetScan) -> dict[str, int]:
+    """Images in each of a cell's splits, as its report records them."""
+    return {s: len(scan.splits[s]) for s in ("train", "val", "test") if s in scan.splits}
+
+
+def cell_runs(out: Path, dataset: str, per_class: int | None) -> Path:
+    """Where a cell's rows write their RUN folders."""
+    return out / "runs" / dataset / ("all" if per_class is None else f"{per_class}")
+
+
 def bench_cell(
     scan: DatasetScan, per_class: int | None, settings: BenchSettings, out: Path,
     log: Callable[[str], None] = print,
@@ -487,10 +497,10 @@ def bench_cell(
     name = Path(scan.root).name
     split = heldout_split(sub)
     source = heldout_source(scan)
-    counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
+    counts = split_counts(sub)
     log(f"[{name} {size_label}] train {counts['train']}, val {counts['val']}"
         + (" (drawn from train)" if sub.val_drawn else "") + f", held-out {counts.get(split, 0)} ({source})")
-    cell_dir = out / "runs" / name / ("all" if per_class is None else f"{per_class}")
+    cell_dir = cell_runs(out, name, per_class)
     rows = reference_rows(sub, base, settings, log)
     if settings.peers:
         rows += peer_rows(sub, base, cell_dir, log)
@@ -696,7 +706,7 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
             (scan,) = scan_datasets([Path(cell["path"])], settings)
             sub, base = cell_data(scan, cell["per_class"], settings)
             split = heldout_split(sub)
-            counts = {s: len(sub.splits[s]) for s in ("train", "val", "test") if s in sub.splits}
+            counts = split_counts(sub)
             if counts != cell["images"] or [r.label for r in sub.splits[split]] != cell["heldout_targets"]:
                 raise DataError(f"{cell['path']} {cell['size']}: the images differ from the bench's ({counts} vs "
                                 f"{cell['images']}); rerun the whole bench instead")
@@ -707,7 +717,7 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
             index = next(i for i, r in enumerate(cell["rows"]) if AUTO in r["kinds"])
             old = cell["rows"][index]
             row = {k: old[k] for k in ("recipe", "kinds", "family", "depth", "title", "plan") if k in old}
-            run_dir = out / "runs" / cell["dataset"] / ("all" if cell["per_class"] is None else str(cell["per_class"])) / AUTO
+            run_dir = cell_runs(out, cell["dataset"], cell["per_class"]) / old["recipe"]
             shutil.rmtree(run_dir, ignore_errors=True)
             row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log))
             row["rerun"] = {"note": note, "before": {"heldout_accuracy": old.get("heldout_accuracy"), "choice": old.get("choice"),

@@ -55,9 +55,10 @@ class ProbeFit:
     members: list[str] = field(default_factory=list)  # a mean of probes (`mean_of_best`): which
 
 
-def cv_log_loss(fit: ProbeFit, labels: torch.Tensor) -> float:
-    """Mean out-of-fold log-loss, each image's capped at 20 (a class a fold never saw)."""
-    picked = fit.cv_logits.float()[torch.arange(len(labels)), labels.long()]
+def cv_log_loss(log_proba: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean log-loss of out-of-fold log-probabilities (a ProbeFit's cv_logits), each
+    image's capped at 20 (a class a fold never saw)."""
+    picked = log_proba.float()[torch.arange(len(labels)), labels.long()]
     return float(-picked.clamp(min=-20.0).mean())
 
 
@@ -68,7 +69,7 @@ def mean_of_best(fits: dict[str, ProbeFit], labels: torch.Tensor, k: int) -> Pro
 
     Averaging the best few frozen depths beat picking the best one (selection by CV on
     few images is noisy): benchmarks/results/frozen_selection.md."""
-    ranked = sorted(fits, key=lambda name: (-fits[name].cv_balanced_accuracy, cv_log_loss(fits[name], labels)))[:k]
+    ranked = sorted(fits, key=lambda name: (-fits[name].cv_balanced_accuracy, cv_log_loss(fits[name].cv_logits, labels)))[:k]
     chosen = [fits[name] for name in ranked]
     cv_logits = torch.log_softmax(torch.stack([f.cv_logits.float() for f in chosen]).mean(0), dim=1)
     predicted = cv_logits.argmax(1)

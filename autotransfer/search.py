@@ -768,11 +768,10 @@ def is_ensemble(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.user_attrs.get("plan", {}).get("all_levels_mode") == "ensemble"
 
 
-def single_probe_wins(single: optuna.trial.FrozenTrial, ensemble: optuna.trial.FrozenTrial) -> bool:
-    """Does the best single probe lead the ensemble by more than ENSEMBLE_LEAD_STANDARD_ERRORS
-    paired standard errors on the same images?"""
-    on = shared_images(single, ensemble)
-    return single.value - ensemble.value > ENSEMBLE_LEAD_STANDARD_ERRORS * gap_standard_error(single, ensemble, on)
+def leads_beyond(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial, standard_errors: float) -> bool:
+    """Does a's objective lead b's by more than this many paired standard errors on the
+    images both were scored on?"""
+    return a.value - b.value > standard_errors * gap_standard_error(a, b, shared_images(a, b))
 
 
 def _best_frozen(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
@@ -780,7 +779,7 @@ def _best_frozen(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenT
     leads that one beyond ENSEMBLE_LEAD_STANDARD_ERRORS."""
     best = _best_of(trials)
     ensemble = _best_of([t for t in trials if is_ensemble(t)])
-    if best is None or ensemble is None or best is ensemble or single_probe_wins(best, ensemble):
+    if best is None or ensemble is None or best is ensemble or leads_beyond(best, ensemble, ENSEMBLE_LEAD_STANDARD_ERRORS):
         return best
     return ensemble
 
@@ -793,8 +792,7 @@ def _best_of(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial
     if not from_rules or top.user_attrs.get("reasons"):
         return top
     prior = max(from_rules, key=_score_key)
-    real_lead = top.value - prior.value > SAMPLED_LEAD_STANDARD_ERRORS * gap_standard_error(top, prior, shared_images(top, prior))
-    return top if real_lead else prior
+    return top if leads_beyond(top, prior, SAMPLED_LEAD_STANDARD_ERRORS) else prior
 
 
 def write_leaderboard(study: optuna.Study, path: Path) -> None:

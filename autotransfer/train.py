@@ -620,7 +620,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
 
 
 # Members of an all_levels_mode "ensemble" head: the mean of the 3 best frozen probes by CV
-# beat the single best by 0.6 +- 0.3 held-out points (benchmarks/results/frozen_selection.md).
+# beat the single best by 0.8 +- 0.2 held-out points (benchmarks/results/frozen_selection.md).
 ENSEMBLE_SIZE = 3
 
 

@@ -37,7 +37,7 @@ from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, sca
 from autotransfer.features import cache_feature_levels, use_cache
 from autotransfer.metrics import balanced_accuracy_gap_se, balanced_accuracy_of
 from autotransfer.plan import Plan
-from autotransfer.probe import fit_probe
+from autotransfer.probe import cv_log_loss, fit_probe
 from autotransfer.references import depth_features
 from autotransfer.strategies import ALL_LEVELS, build_net
 
@@ -75,7 +75,7 @@ def probe_at(level, feats: dict, index: np.ndarray, num_classes: int, seed: int,
     fit = fit_probe(x, y, num_classes, seed=seed, standardise=standardise)
     logits = tx.float() @ fit.weight.T + fit.bias
     cv = fit.cv_logits.float()
-    cv_loss = float(-torch.clamp(cv[torch.arange(len(y)), y], min=-20.0).mean())
+    cv_loss = cv_log_loss(cv, y)
     return {
         "cv_balanced": fit.cv_balanced_accuracy, "cv_loss": cv_loss, "cv_y": y,
         "proba": torch.softmax(logits, 1).numpy(), "logits": logits.numpy(), "C": fit.C, "cv_logits": cv,
@@ -104,7 +104,7 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     y = results[None]["cv_y"]
     results[ENSEMBLE] = {
         "cv_balanced": balanced_accuracy_of(mean_cv.argmax(1).tolist(), y.tolist()),
-        "cv_loss": float(-torch.clamp(mean_cv[torch.arange(len(y)), y], min=-20.0).mean()),
+        "cv_loss": cv_log_loss(mean_cv, y),
         "proba": torch.softmax(torch.from_numpy(picks["+ all per feature, mean logits of best 3"]), 1).numpy(),
     }
     picks["product + all per feature + ensemble"] = results[best_by_cv(results, [*both[:3], ENSEMBLE, *both[3:]])]["proba"]

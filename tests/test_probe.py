@@ -117,7 +117,7 @@ def test_mean_of_best_averages_the_k_best_by_cv_with_ties_to_the_lower_log_loss(
                         cv_logits=right, cv_balanced_accuracy=score, cv_accuracy=score, cv_scores={})
 
     fits = {"a": fit(0.9, 0.6, 1.0), "b": fit(0.9, 0.8, 2.0), "c": fit(0.5, 0.7, 4.0), "d": fit(0.7, 0.9, 8.0)}
-    assert cv_log_loss(fits["b"], labels) < cv_log_loss(fits["a"], labels)
+    assert cv_log_loss(fits["b"].cv_logits, labels) < cv_log_loss(fits["a"].cv_logits, labels)
     mean = mean_of_best(fits, labels, 3)
     assert mean.members == ["b", "a", "d"]  # 0.9 (lower loss first), 0.9, 0.7; c left out
     torch.testing.assert_close(mean.weight, torch.full((2, 3), 11.0 / 3))

@@ -452,7 +452,7 @@ def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_log
         fits[f"every level ({mode})"] = levels_probe(other, feats, labels, mode, plan, 3)
         with torch.no_grad():
             logits[f"every level ({mode})"] = other.classifier[0](feats) @ fits[f"every level ({mode})"].weight.T + fits[f"every level ({mode})"].bias
-    best = sorted(fits, key=lambda n: (-fits[n].cv_balanced_accuracy, cv_log_loss(fits[n], labels)))[:ENSEMBLE_SIZE]
+    best = sorted(fits, key=lambda n: (-fits[n].cv_balanced_accuracy, cv_log_loss(fits[n].cv_logits, labels)))[:ENSEMBLE_SIZE]
     assert probe.members == best
     with torch.no_grad():
         torch.testing.assert_close(net.classifier(feats), torch.stack([logits[n] for n in best]).mean(0), rtol=1e-4, atol=1e-3)
