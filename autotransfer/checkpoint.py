@@ -54,7 +54,7 @@ def save_model(
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}  # the default layout, whatever it ran in
 
 
 def read_checkpoint(run_dir: str | Path) -> dict:

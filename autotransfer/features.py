@@ -25,7 +25,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from autotransfer.backbones import BackboneSpec
+from autotransfer.backbones import BackboneSpec, on_device
 from autotransfer.data import DatasetScan, ImageRecord, load_rgb
 from autotransfer.errors import UsageError
 from autotransfer.plan import Plan
@@ -145,12 +145,17 @@ def use_cache(root: Path) -> Iterator[None]:
         else:
             os.environ[CACHE_ENV] = old
 
+# Bumped when the same images would give other (if only by rounding) features: 2 = computed
+# in channels-last memory on the CPU. A decision must not depend on what the cache holds.
+FEATURES_VERSION = 2
+
+
 def feature_key(
     architecture: str, weights_id: str, feature_level: int | str | None, prep: Preprocessing,
     data_hash: str,
 ) -> str:
     blob = json.dumps(
-        [architecture, weights_id, feature_level, asdict(prep), data_hash], sort_keys=True
+        [FEATURES_VERSION, architecture, weights_id, feature_level, asdict(prep), data_hash], sort_keys=True
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
@@ -316,7 +321,7 @@ def cache_feature_levels(
     if all(path.is_file() for path in paths.values()):
         return []
     net = build_net(spec, replace(plan, strategy="frozen", cut=None, feature_level=None, all_levels=False), len(scan.classes))
-    model = net.eval().model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = on_device(net.eval().model, "cuda" if torch.cuda.is_available() else "cpu")
     if not hasattr(model, "forward_intermediates"):
         return []
     every = list(range(len(model.feature_info)))

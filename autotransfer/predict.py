@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from autotransfer.backbones import on_device
 from autotransfer.checkpoint import load_model
 from autotransfer.data import DatasetScan, load_rgb, scan_folder, to_rgb
 from autotransfer.errors import DataError
@@ -137,7 +138,7 @@ def load(run: str | Path) -> Model:
     """
     net, classes, prep = load_model(run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Model(Path(run), classes, prep, net.to(device), device)
+    return Model(Path(run), classes, prep, on_device(net, device), device)
 
 
 def _rgb(item: ImageInput) -> Image.Image:

@@ -10,7 +10,10 @@ fine-tuning on the same images, with a paired standard error.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,12 +190,38 @@ def fit_probe(
 
     `standardise` False: the features come standardised already (a MultiLevelNet's
     per-level scaling, which per-feature standardisation would undo).
+
+    The same arguments give the same fit, remembered for the process's last MEMO_SIZE
+    ones: an "ensemble" trial's members are the probes the search's other frozen trials
+    fit on the same features, folds and seed.
     """
     if features.dtype not in (torch.float32, torch.float64):
         features = features.float()
     x = features.detach().cpu().numpy()  # no copy: features memory-mapped from the cache stay on disk
     y = labels.numpy().astype(int)
     keep = np.ones(len(y), dtype=bool) if fit_on is None else fit_on.numpy().astype(bool)
+    settings = (x.shape, str(x.dtype), num_classes, class_weighting, seed, max_folds, standardise,
+                C_GRID, MAX_ITER, TOL, SELECT_MAX, BLOCK_ROWS)  # the module's settings too: tests change them
+    digest = hashlib.sha1(repr(settings).encode())
+    for array in (x, y, keep):
+        digest.update(np.ascontiguousarray(array).data)
+    key = digest.hexdigest()
+    if key not in _MEMO:
+        _MEMO[key] = _fit(x, y, keep, num_classes, class_weighting, seed, max_folds, standardise)
+        while len(_MEMO) > MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    _MEMO.move_to_end(key)
+    return copy.deepcopy(_MEMO[key])  # callers may change what they get, never the memo
+
+
+MEMO_SIZE = 32
+_MEMO: OrderedDict[str, ProbeFit] = OrderedDict()
+
+
+def _fit(
+    x: np.ndarray, y: np.ndarray, keep: np.ndarray, num_classes: int, class_weighting: bool,
+    seed: int, max_folds: int, standardise: bool,
+) -> ProbeFit:
     mean, scale = _moments(x, keep)
     if not standardise:
         mean, scale = np.zeros_like(mean), np.ones_like(scale)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autotransfer import __version__
-from autotransfer.backbones import BackboneSpec, create_model, get_backbone
+from autotransfer.backbones import BackboneSpec, create_model, get_backbone, on_device
 from autotransfer.data import DatasetScan, ImageRecord, SkippedFile, load_rgb, scan_folder
 from autotransfer.errors import DataError
 from autotransfer.features import cache_dir, cache_path, eval_transform, image_loader, store_features, weights_id
@@ -44,7 +44,7 @@ SCHEMA = "autotransfer.profile/1"
 DEFAULT_MAX_IMAGES = 1000
 KNN_K = 10
 GRAY_TOLERANCE = 3 / 255  # largest channel difference of an image still called grayscale
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: computed in channels-last memory (backbones.on_device)
 
 
 # ---------------------------------------------------------------------------- schema
@@ -674,7 +674,7 @@ def _classifier_model(spec: BackboneSpec, weights: str, seed: int) -> nn.Module:
     cfg = timm.models.get_pretrained_cfg(spec.architecture)
     n_classes = getattr(cfg, "num_classes", None) or 1000
     torch.manual_seed(seed)
-    return create_model(spec, weights, num_classes=n_classes).eval()
+    return on_device(create_model(spec, weights, num_classes=n_classes).eval(), "cpu")
 
 
 def _store_top_features(

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from autotransfer import __version__
-from autotransfer.backbones import BackboneSpec, get_backbone
+from autotransfer.backbones import BackboneSpec, get_backbone, on_device
 from autotransfer.checkpoint import MODEL_FILE, save_model
 from autotransfer.data import DatasetScan
 from autotransfer.errors import PlanError
@@ -310,7 +310,7 @@ def _fit(trainer: pl.Trainer, task: ClassifierTask, *loaders: DataLoader) -> Non
             loader.sampler.generator = None
     device = next(task.parameters()).device
     trainer.fit(task.cpu(), *loaders)
-    task.to(device)
+    on_device(task, device)
     if task.report is not None:  # a pruned trial stops here, after its fine-tuning
         for epoch, score in enumerate(task.val_scores):
             task.report(epoch, score)
@@ -380,7 +380,7 @@ def fit(
     _write_scan(scan, out / "scan.json")
     pl.seed_everything(plan.seed, verbose=False)
     device = main_device(plan.compute)
-    net.to(device)
+    on_device(net, device)
 
     def save() -> None:
         save_model(out / MODEL_FILE, net, spec, plan.feature_level, classes, prep)
@@ -600,7 +600,7 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
     net = build_net(spec, plan, len(scan.classes))
     prep = Preprocessing.for_plan(spec, plan)
     pl.seed_everything(plan.seed, verbose=False)
-    net.to(main_device(plan.compute))
+    on_device(net, main_device(plan.compute))
     feats, labels, _ = cached_features(
         net, pool, "train", prep, spec.architecture, weights_id(spec, plan.weights, plan.seed), plan.feature_level,
         progress=progress,

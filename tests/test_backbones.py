@@ -16,6 +16,7 @@ from autotransfer.backbones import (
     get_backbone,
     list_backbones,
     load_plugins,
+    on_device,
 )
 from autotransfer.errors import BackboneError
 from autotransfer.plan import Plan
@@ -247,3 +248,19 @@ def test_plugin_spec_equality_ignores_weights_callable():
     a = BackboneSpec("x", "test_resnet", "none", 64, (0.5,) * 3, (0.5,) * 3, weights=lambda: {})
     b = BackboneSpec("x", "test_resnet", "none", 64, (0.5,) * 3, (0.5,) * 3)
     assert a == b
+
+
+def test_on_the_cpu_a_network_computes_in_channels_last_memory_and_the_same_outputs():
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(images)
+        placed = on_device(model, "cpu")
+        after = placed(images)
+    assert placed is model
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # pointwise 1x1 convs are both; 3x3 ones are not
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+

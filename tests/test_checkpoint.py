@@ -42,6 +42,7 @@ def test_model_file_loads_with_timm_alone_and_gives_the_same_logits(request, run
     model, classes, prep = load_model(run)
 
     assert payload["format"] == FORMAT
+    assert all(t.is_contiguous() for t in payload["state_dict"].values())  # trained channels-last, saved plain
     assert classes == payload["classes"] == CLASSES
     assert prep.input_size == payload["preprocessing"]["input_size"] == 32
     assert not model.training

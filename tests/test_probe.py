@@ -55,6 +55,27 @@ def test_out_of_fold_predictions_are_honest():
     assert set(probe.cv_scores) == set(C_GRID) and probe.cv_balanced_accuracy == max(probe.cv_scores.values())
 
 
+def test_the_same_probe_is_fit_once_and_what_a_caller_changes_stays_its_own():
+    """The ensemble trial's members are the probes other frozen trials fit: remembered."""
+    from autotransfer import probe as module
+
+    x, y, _, _ = blobs(60, 8, 3)
+    first = fit_probe(x, y, 3, seed=4)
+    remembered = len(module._MEMO)
+    first.weight.add_(100.0)  # e.g. copied into a layer that is then fine-tuned in place
+    again = fit_probe(x, y, 3, seed=4)
+    assert len(module._MEMO) == remembered  # a hit, not a second fit
+    fresh = module._fit(x.numpy(), y.numpy(), np.ones(60, dtype=bool), 3, False, 4, module.MAX_FOLDS, True)
+    torch.testing.assert_close(again.weight, fresh.weight, rtol=0, atol=0)
+    torch.testing.assert_close(again.cv_logits, fresh.cv_logits, rtol=0, atol=0)
+    other = fit_probe(x, y, 3, seed=5)  # other folds: another fit
+    assert len(module._MEMO) == remembered + 1 and not torch.equal(other.cv_logits, again.cv_logits)
+    shifted = x.clone()
+    shifted[0, 0] += 1.0  # one feature of one image
+    fit_probe(shifted, y, 3, seed=4)
+    assert len(module._MEMO) == remembered + 2
+
+
 def test_a_class_missing_from_the_images_never_wins():
     x, y, _, _ = blobs(90, 10, 3)
     probe = fit_probe(x, y, num_classes=5)  # classes 3 and 4 have no image

@@ -3,6 +3,7 @@ two workers on one study (SQLite and a real PostgreSQL server)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -107,6 +108,23 @@ def test_trials_and_workers_train_where_the_search_was_told(tmp_path: Path) -> N
     assert trial.compute == Compute("cpu", 2, "bf16-mixed")
     replace(config(":memory:"), base=base).save(tmp_path)
     assert SearchConfig.load(tmp_path).base.compute == base.compute
+
+
+def test_what_exists_before_a_search_is_frozen_for_the_gc_only_while_it_runs(tmp_path: Path) -> None:
+    """gc.freeze spares each trial's gc_after_trial the imports' objects; a notebook's later
+    garbage must still be collectable after the search."""
+    cfg = config(":memory:", trials=1)
+    study = open_study(cfg)
+    enqueue_plans(study, rule_plans()[:1], cfg.backbones)
+    seen = []
+
+    def trial_seeing_the_freeze(plan, trial_dir, report, after_fold=None):
+        seen.append(gc.get_freeze_count())
+        return fake_trial(plan, trial_dir, report, after_fold)
+
+    run_search(study, cfg, tmp_path, trial_seeing_the_freeze)
+    assert len(seen) == 1 and seen[0] > 10_000
+    assert gc.get_freeze_count() == 0
 
 
 def test_parse_duration() -> None:
