@@ -311,13 +311,14 @@ def heldout_predictions(run_dir: Path, metrics: dict, records: list[ImageRecord]
         return [int(p) for p in saved["predicted"]]
     import torch
 
+    from autotransfer.backbones import on_device
     from autotransfer.checkpoint import load_model
     from autotransfer.features import eval_transform, image_loader
 
     model, model_classes, prep = load_model(run_dir)
     remap = [classes.index(c) for c in model_classes]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    on_device(model, device)
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in image_loader(records, eval_transform(prep), 64):

@@ -11,7 +11,7 @@ Without --backbone the fit chooses among the installed backbones as `autotransfe
 does (the others profiled only while the budget allows), and the full fine-tune it is
 compared with is of the backbone it chose; each pair runs the fit first.
 
-    python benchmarks/bench_fit_overhead.py [DATA] [--per-class 25] [--image-size 128] [--repeats 1] [--backbone NAME]
+    python benchmarks/bench_fit_overhead.py [DATA] [--per-class 25] [--image-size 128] [--repeats 1] [--backbone NAME] [--draw-val]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from autotransfer.api import quiet_frameworks
 from autotransfer.bench import empty_feature_cache, run_autotransfer, subsample, warm_calibration
-from autotransfer.data import scan_folder
+from autotransfer.data import scan_folder, stratified_split
 from autotransfer.features import use_cache
 from autotransfer.plan import Plan
 from autotransfer.selector import default_backbones
@@ -52,11 +52,17 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="Alternating pairs of runs; the median ratio counts.")
+    parser.add_argument("--draw-val", action="store_true",
+                        help="Leave DATA's val/ and test/ out: val is drawn from the sample as fit draws it for a "
+                             "folder of train images alone (issue 15's 100 images: cifar10 --per-class 10).")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fit_overhead.json")
     args = parser.parse_args()
     quiet_frameworks()
 
     scan = subsample(scan_folder(args.data, 0.2, args.seed), args.per_class, args.seed)
+    if args.draw_val:  # a folder of just these images: fit draws val from them, cross-validates, refits
+        train, val = stratified_split(scan.splits["train"], 0.2, args.seed)
+        scan = replace(scan, splits={"train": train, "val": val}, val_drawn=True)
     default, *optional = [args.backbone] if args.backbone else default_backbones("pretrained")
     base = Plan(default, image_size=args.image_size, seed=args.seed)
     pairs = []
@@ -88,7 +94,7 @@ def main() -> int:
     result = {
         "benchmark": "whole fit (profile + search within the default budget + adopt) vs one full fine-tune, same scan",
         "command": " ".join(["python", *sys.argv]),
-        "data": str(args.data), "per_class": args.per_class,
+        "data": str(args.data), "per_class": args.per_class, "val_drawn": scan.val_drawn,
         "images": {split: len(records) for split, records in scan.splits.items()},
         "backbones": [default, *optional], "image_size": args.image_size, "full_finetune_epochs": Plan(default).epochs,
         "calibration_s_one_time": round(calibration, 2),

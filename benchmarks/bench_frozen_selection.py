@@ -15,8 +15,10 @@ accuracy, ties to the lower out-of-fold log-loss, among each level, the top and 
 level at once), the same with the per-feature every-level head added, the mean
 probabilities or logits of the best three of those by CV, the "ensemble" candidate
 competing by CV, the ensemble unless the best single probe leads it by more than 1 or 2
-paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS), lowest CV log-loss, each fixed depth,
-and the mean of all depths. Mean held-out accuracy per rule, and each rule's paired gap
+paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS), wider ensembles (every probe within 1
+or 2 paired SEs of the best by CV; the 3 best or more when more are within 1 SE, with the
+same guard; the best single depth and its neighbours), lowest CV log-loss, each fixed
+depth, and the mean of all depths. Mean held-out accuracy per rule, and each rule's paired gap
 to the first with its standard error over cells x seeds.
 """
 
@@ -87,6 +89,21 @@ def best_by_cv(results: dict, order: list):
     return max(order, key=lambda lv: (results[lv]["cv_balanced"], -results[lv]["cv_loss"], -order.index(lv)))
 
 
+def within_se_of_best(results: dict, candidates: list, k: float) -> list:
+    """The candidates whose CV balanced accuracy trails the best's by at most k paired SEs
+    (on the same out-of-fold images), the best included."""
+    best = best_by_cv(results, candidates)
+    y = results[None]["cv_y"].tolist()
+    best_pred = results[best]["cv_logits"].argmax(1).tolist()
+    members = []
+    for lv in candidates:
+        pred = results[lv]["cv_logits"].argmax(1).tolist()
+        lead = results[best]["cv_balanced"] - results[lv]["cv_balanced"]
+        if lv == best or lead <= k * balanced_accuracy_gap_se(best_pred, pred, y):
+            members.append(lv)
+    return members
+
+
 def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     """Each selection rule's held-out probabilities. `order`: the rules' rank of depths
     (ties of the product's rule go to the earlier one), the every-level head with
@@ -115,6 +132,23 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     lead = results[single]["cv_balanced"] - results[ENSEMBLE]["cv_balanced"]
     for k in (1.0, 2.0):
         picks[f"ensemble unless a single leads by > {k:g} SE"] = results[single if lead > k * se else ENSEMBLE]["proba"]
+    # wider ensembles where CV cannot tell the candidates apart (20 images at 10/class)
+    for k in (1.0, 2.0):
+        members = within_se_of_best(results, both, k)
+        picks[f"mean logits of all within {k:g} SE of the best"] = np.mean([results[lv]["logits"] for lv in members], 0)
+    members = within_se_of_best(results, both, 1.0)
+    wide = members if len(members) > len(top3) else top3
+    wide_cv = torch.log_softmax(torch.stack([results[lv]["cv_logits"] for lv in wide]).mean(0), 1)
+    wide_lead = results[single]["cv_balanced"] - balanced_accuracy_of(wide_cv.argmax(1).tolist(), y.tolist())
+    wide_se = balanced_accuracy_gap_se(single_pred, wide_cv.argmax(1).tolist(), y.tolist())
+    wide_logits = np.mean([results[lv]["logits"] for lv in wide], 0)
+    picks["best 3, or all within 1 SE if more; unless a single leads by > 2 SE"] = (
+        results[single]["proba"] if wide_lead > 2 * wide_se else torch.softmax(torch.from_numpy(wide_logits), 1).numpy())
+    depths = [lv for lv in order if lv != ALL_LEVELS]  # the single depths, top first
+    best_depth = best_by_cv(results, depths)
+    by_depth = sorted(depths, key=lambda lv: 99 if lv is None else lv)
+    at = by_depth.index(best_depth)
+    picks["best single depth by CV and its neighbours"] = np.mean([results[lv]["logits"] for lv in by_depth[max(0, at - 1):at + 2]], 0)
     del results[ENSEMBLE]
     picks["fixed all (per feature)"] = results[ALL_BY_FEATURE]["proba"]
     picks["lowest CV log-loss"] = results[min(order, key=lambda lv: results[lv]["cv_loss"])]["proba"]
