@@ -7,6 +7,8 @@ their traceback.
 
 from __future__ import annotations
 
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -46,6 +48,8 @@ def interruptible(kept: Callable[[], str]) -> Iterator[None]:
     of it once it has saved its weights), into Interrupted(`kept()`)."""
     from autotransfer.search import is_ctrl_c
 
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
     try:
         yield
     except Interrupted:
@@ -54,6 +58,10 @@ def interruptible(kept: Callable[[], str]) -> Iterator[None]:
         if not is_ctrl_c(exc):
             raise
         raise Interrupted(kept()) from None
+    finally:  # Lightning ignores every later Ctrl-C once it caught one (SIG_IGN, for its
+        # shutdown): in a notebook the kernel could then never be interrupted again
+        if main and handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 

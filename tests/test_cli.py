@@ -672,8 +672,10 @@ def test_ctrl_c_in_an_explicit_fit_keeps_the_best_weights_and_exits_130(tmp_path
     out = tmp_path / "run"
     try:
         result = run("fit", image_folder, "--backbone", "test_efficientnet", "--strategy", "full", *FAST_CLI, "--out", out)
+        restored = signal.getsignal(signal.SIGINT)
     finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C once it has one
+        signal.signal(signal.SIGINT, handler)
+    assert restored is handler  # Lightning set it to SIG_IGN: the next Ctrl-C (a notebook's) would do nothing
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == (
         f"interrupted: {out}/model.pt keeps the best weights of the finetune stage so far (metrics.json says "
@@ -681,6 +683,25 @@ def test_ctrl_c_in_an_explicit_fit_keeps_the_best_weights_and_exits_130(tmp_path
     )
     assert "Traceback" not in result.output
     assert json.loads((out / "metrics.json").read_text())["interrupted"] == "finetune"
+
+
+def test_ctrl_c_leaves_ctrl_c_working_after_lightning_ignored_it():
+    """Lightning sets SIGINT to SIG_IGN when it catches a Ctrl-C (for its shutdown) and
+    never restores it: a notebook could not be interrupted again, a test after it neither."""
+    import signal
+
+    from autotransfer.errors import Interrupted, interruptible
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted, match="kept"):
+            with interruptible(lambda: "kept"):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # what pytorch_lightning/trainer/call.py does
+                raise KeyboardInterrupt
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert restored is handler
 
 
 def test_a_moved_run_resumes_in_its_new_place(tmp_path, image_folder, monkeypatch):

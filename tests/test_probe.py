@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -55,10 +56,11 @@ def test_out_of_fold_predictions_are_honest():
     assert set(probe.cv_scores) == set(C_GRID) and probe.cv_balanced_accuracy == max(probe.cv_scores.values())
 
 
-def test_the_same_probe_is_fit_once_and_what_a_caller_changes_stays_its_own():
+def test_the_same_probe_is_fit_once_and_what_a_caller_changes_stays_its_own(monkeypatch):
     """The ensemble trial's members are the probes other frozen trials fit: remembered."""
     from autotransfer import probe as module
 
+    monkeypatch.setattr(module, "_MEMO", OrderedDict())  # earlier tests may have filled it
     x, y, _, _ = blobs(60, 8, 3)
     first = fit_probe(x, y, 3, seed=4)
     remembered = len(module._MEMO)
