@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from autotransfer.backbones import BackboneSpec, classifier_names, create_model, get_backbone
+from autotransfer.backbones import BackboneSpec, classifier_names, create_model, get_backbone, on_device
 from autotransfer.errors import AutotransferError
 from autotransfer.features import use_cache
 
@@ -201,8 +201,10 @@ def _fresh_load(run: Path, model, tmp: Path) -> Check:
     torch.save(batch, tmp / "batch.pt")
     code = textwrap.dedent(f"""
         import torch
+        from autotransfer.backbones import on_device
         from autotransfer.checkpoint import load_model
         net, _, _ = load_model({str(run)!r})
+        on_device(net, "cpu")  # the layout predict computes in: the other one rounds otherwise
         with torch.no_grad():
             torch.save(net(torch.load({str(tmp / "batch.pt")!r})), {str(tmp / "logits.pt")!r})
     """)
@@ -212,7 +214,7 @@ def _fresh_load(run: Path, model, tmp: Path) -> Check:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return Check("load_model (fresh process)", FAIL, last[:300])
     with torch.no_grad():
-        expected = model.net.cpu()(batch)
+        expected = on_device(model.net, "cpu")(batch)
     diff = float((torch.load(tmp / "logits.pt") - expected).abs().max())
     if diff > 1e-5:
         return Check("load_model (fresh process)", FAIL, f"logits differ by {diff:.2g} from the trained model's")
