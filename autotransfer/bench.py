@@ -311,18 +311,15 @@ def heldout_predictions(run_dir: Path, metrics: dict, records: list[ImageRecord]
         return [int(p) for p in saved["predicted"]]
     import torch
 
-    from autotransfer.backbones import on_device
-    from autotransfer.checkpoint import load_model
     from autotransfer.features import eval_transform, image_loader
+    from autotransfer.predict import load
 
-    model, model_classes, prep = load_model(run_dir)
-    remap = [classes.index(c) for c in model_classes]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_device(model, device)
+    model = load(run_dir)  # placed where and how predict computes
+    remap = [classes.index(c) for c in model.classes]
     predicted: list[int] = []
     with torch.inference_mode():
-        for images, _ in image_loader(records, eval_transform(prep), 64):
-            predicted += [remap[i] for i in model(images.to(device)).argmax(1).cpu().tolist()]
+        for images, _ in image_loader(records, eval_transform(model.preprocessing), 64):
+            predicted += [remap[i] for i in model.net(images.to(model.device)).argmax(1).cpu().tolist()]
     return predicted
 
 
