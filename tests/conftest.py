@@ -8,6 +8,7 @@ accuracy and a broken one does not.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import textwrap
 import warnings
@@ -210,6 +211,17 @@ def isolated_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: py
 def _quiet_lightning() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_delivered() -> Iterator[None]:
+    """Tests press Ctrl-C (in-process and at servers they start): a suite started with `&`
+    by a non-interactive shell inherits SIGINT ignored (POSIX), and so would its children."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")
