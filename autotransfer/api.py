@@ -384,6 +384,7 @@ def _no_decided_options(options: dict) -> None:
     given = [f"--feature-level {options['feature_level']}"] if options.get("feature_level") is not None else []
     given += ["--all-levels"] if options.get("all_levels") else []
     given += [f"--all-levels-mode {options['all_levels_mode']}"] if options.get("all_levels_mode", "level") != "level" else []
+    given += ["--ensemble-levels-only"] if options.get("ensemble_levels_only") else []
     if given:
         raise UsageError(
             f"{' and '.join(given)} fix part of a Plan, and without --strategy autotransfer decides that part "

@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 from statistics import median
-from typing import Callable
+from typing import Callable, Collection
 
 from autotransfer import __version__
 from autotransfer.data import DatasetScan, ImageRecord, scan_folder, stratified_split
@@ -686,9 +686,12 @@ def run_bench(
     return report
 
 
-def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], None] = print) -> dict:
-    """Run the autotransfer row of every cell of `report` again, on the same images with
-    the same settings, and re-score the cells; every other row is kept as it was.
+def rerun_autotransfer(
+    report: dict, out: Path, note: str, log: Callable[[str], None] = print, datasets: Collection[str] | None = None,
+) -> dict:
+    """Run the autotransfer row of every cell of `report` (of `datasets` only, if given)
+    again, on the same images with the same settings, and re-score the cells; every other
+    row is kept as it was.
 
     What a change to the selector costs to judge: its row is a fraction of a cell's time,
     and the references, the peer and the fixed recipes do not run autotransfer's code.
@@ -696,11 +699,16 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
     (e.g. the commit) is recorded in the report and shown in its preamble.
     """
     settings = BenchSettings(**report["settings"])
+    held = sorted({cell["dataset"] for cell in report["cells"]})
+    if datasets is not None and set(datasets) - set(held):
+        raise DataError(f"the report has no cell of {', '.join(sorted(set(datasets) - set(held)))}; its datasets: {', '.join(held)}")
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
     with use_cache(out / "cache"):
         warmed: set[int | None] = set()
         for cell in report["cells"]:
+            if datasets is not None and cell["dataset"] not in datasets:
+                continue
             (scan,) = scan_datasets([Path(cell["path"])], settings)
             sub, base = cell_data(scan, cell["per_class"], settings)
             split = heldout_split(sub)
@@ -728,7 +736,8 @@ def rerun_autotransfer(report: dict, out: Path, note: str, log: Callable[[str], 
             score_cell(cell)
             write_reports(report, out)
     report["reruns"] = [*report.get("reruns", []), {
-        "rows": ["autotransfer"], "note": note, "seconds": round(time.perf_counter() - start, 1),
+        "rows": ["autotransfer"], **({"datasets": sorted(datasets)} if datasets is not None else {}),
+        "note": note, "seconds": round(time.perf_counter() - start, 1),
         "started": started, **environment(),
     }]
     write_reports(report, out)
@@ -1108,7 +1117,9 @@ def _preamble(report: dict) -> list[str]:
         f"Started {report['started']}, took {report.get('seconds', 0) / 60:.1f} min"
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
-        *(f"Rerun of the {', '.join(r['rows'])} row(s) only, every other row kept as it was: {r['note']}, "
+        *(f"Rerun of the {', '.join(r['rows'])} row(s) only"
+          + (f" in the cells of {', '.join(r['datasets'])}" if r.get("datasets") else "")
+          + f", every other row kept as it was: {r['note']}, "
           f"{r['started']}, {r['seconds'] / 60:.1f} min." for r in report.get("reruns", [])),
         "Held-out images judge every row and nothing selects on them: test/ where the dataset has one; else "
         "its val/, all of it (capped only in quick mode, which says so), with the selection split drawn from "

@@ -110,6 +110,7 @@ _PLAN_OPTIONS = [
     click.option("--feature-level", type=int, default=None, help="Classify from timm feature level I (0 = earliest) instead of the top; drops the blocks above. Helps far from ImageNet."),
     click.option("--all-levels", is_flag=True, help="frozen: classify from every feature level and the top at once (pooled, standardised, one linear head: Head2Toe). Helps far from ImageNet."),
     click.option("--all-levels-mode", type=click.Choice(ALL_LEVELS_MODES), default="level", help="--all-levels: one probe weighing every level alike (level) or every standardised feature alike, so the wide top levels weigh most (feature; the plain linear-probe protocol); or the mean of the 3 best probes by cross-validation among each level alone, the top and those two (ensemble)."),
+    click.option("--ensemble-levels-only", is_flag=True, help="--all-levels-mode ensemble: its 3 probes chosen among single levels only, the top and the every-level heads left out (what autotransfer decides far from ImageNet, where the top transfers worst)."),
     click.option("--bn-mode", type=click.Choice(BN_MODES), default="frozen", help="BatchNorm of fine-tuned blocks: keep ImageNet statistics (frozen) or adapt them (train)."),
     click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone."),
     click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px [default: the backbone's, or 128 for small images when autotransfer decides]."),

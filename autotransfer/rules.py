@@ -70,6 +70,14 @@ FEATURE_SCALING_REASON = ("every feature level, each feature standardised alike 
 ENSEMBLE_REASON = ("the mean of the 3 best frozen probes by cross-validation (each level, the top, every level "
                    "at once): one probe picked on few images is often picked by noise; the mean of three is steadier")
 
+# Far from ImageNet the ensemble's members are single levels only (Plan.ensemble_levels_only):
+# the top layers transfer worst to a distant task (Yosinski et al. 2014), and the every-level
+# heads are dominated by the top's 1,280 features. Measured offline on the two sets the
+# profile puts at or above far_distance (benchmarks/results/frozen_selection_far.md, 10 seeds,
+# paired with the full candidate set): pneumoniamnist 10/class +3.8 ± 1.7 held-out points,
+# 50/class +0.3 ± 0.7; cifar10 (2.0-2.1, at the threshold) 10/class +0.1 ± 0.3, 50/class -0.7 ± 0.3.
+ENSEMBLE_FAR_REASON = ("far from ImageNet: the mean of the 3 best single-level probes by cross-validation; the top "
+                       "and the every-level heads, dominated by the top's ImageNet-specific features, are left out of it")
 
 # The second fine-tuning family (issue 15): fastai's fine_tune recipe, measured there on
 # unseen sets with the same backbone: at 10 images/class it beat every frozen probe by 4
@@ -137,6 +145,7 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
         common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {t.small_image_size} px, not the backbone's size")
 
     far = f.distance is not None and f.distance >= t.far_distance
+    base = replace(base, ensemble_levels_only=far)  # on base: the search builds every trial's Plan from it
     where = (
         f"{'far from' if far else 'near'} ImageNet ({f.distance_method} {f.distance:.2f}, far from {t.far_distance:g})"
         if f.distance is not None else "distance to ImageNet unknown"
@@ -151,7 +160,7 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     frozen_below = _plan(base, "frozen", None, max(0, f.levels - 2), [*common, "one feature level below the top: with few images the best frozen cut was 1-2 blocks below the top on every set we measured"])
     frozen_all = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=True, reasons=[*common, ALL_LEVELS_REASON])
     frozen_all_features = replace(frozen_all, all_levels_mode="feature", reasons=[*common, FEATURE_SCALING_REASON])
-    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_REASON])
+    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_FAR_REASON if far else ENSEMBLE_REASON])
     half = max(1, f.groups // 2)
     partial_mid = _plan(base, "partial", half, None, [*common, f"fine-tune the top {f.groups - half} of {f.groups} groups (from the middle)"])
     partial_far = _plan(base, "partial", max(1, half - 1), None, [*common, "far from ImageNet: more blocks retrained than near it"])

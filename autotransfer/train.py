@@ -670,17 +670,20 @@ def ensemble_probe(
     fit_on: torch.Tensor | None = None,
 ) -> ProbeFit:
     """The mean of the ENSEMBLE_SIZE best probes by CV among each feature level alone, the
-    top, and every level at once in both modes, on the same folds. Every member is affine
-    in the raw features of every level, so the mean is one linear layer on them: the model
-    is a MultiLevelNet like any other, for predict and export alike."""
+    top, and every level at once in both modes (Plan.ensemble_levels_only: each level
+    alone), on the same folds. Every member is affine in the raw features of every level,
+    so the mean is one linear layer on them: the model is a MultiLevelNet like any other,
+    for predict and export alike."""
     fits, start = {}, 0
     for name, dim in zip([*(f"level {i}" for i in net.levels), "top"], net.dims):
+        if name == "top" and plan.ensemble_levels_only:
+            break
         fit = fit_probe(feats[:, start:start + dim], labels, num_classes, plan.class_weighting, plan.seed, fit_on=fit_on)
         weight = torch.zeros(num_classes, feats.shape[1])
         weight[:, start:start + dim] = fit.weight
         fits[name] = replace(fit, weight=weight)
         start += dim
-    for mode in ("level", "feature"):
+    for mode in () if plan.ensemble_levels_only else ("level", "feature"):
         fit = levels_probe(net, feats, labels, mode, plan, num_classes, fit_on)
         standardise = net.classifier[0]
         weight = fit.weight * standardise.scale.cpu()  # (x - mean) * scale, folded into the layer

@@ -104,6 +104,20 @@ def within_se_of_best(results: dict, candidates: list, k: float) -> list:
     return members
 
 
+def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: list | None = None) -> np.ndarray:
+    """The product's rule on `candidates`: the mean logits of the 3 best by CV unless the
+    best single one (of `guard`, by default the candidates) leads that mean's CV by more
+    than 2 paired SEs."""
+    top3 = sorted(candidates, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
+    mean_cv = torch.stack([results[lv]["cv_logits"] for lv in top3]).mean(0).argmax(1).tolist()
+    single = best_by_cv(results, guard or candidates)
+    single_pred = results[single]["cv_logits"].argmax(1).tolist()
+    lead = results[single]["cv_balanced"] - balanced_accuracy_of(mean_cv, y.tolist())
+    if lead > 2 * balanced_accuracy_gap_se(single_pred, mean_cv, y.tolist()):
+        return results[single]["proba"]
+    return torch.softmax(torch.from_numpy(np.mean([results[lv]["logits"] for lv in top3], 0)), 1).numpy()
+
+
 def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     """Each selection rule's held-out probabilities. `order`: the rules' rank of depths
     (ties of the product's rule go to the earlier one), the every-level head with
@@ -144,6 +158,20 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     wide_logits = np.mean([results[lv]["logits"] for lv in wide], 0)
     picks["best 3, or all within 1 SE if more; unless a single leads by > 2 SE"] = (
         results[single]["proba"] if wide_lead > 2 * wide_se else torch.softmax(torch.from_numpy(wide_logits), 1).numpy())
+    # far from ImageNet (profile distance >= rules.THRESHOLDS.far_distance): the same guarded
+    # ensemble with the most ImageNet-specific candidates left out (Yosinski et al. 2014: the
+    # top layers transfer worst to a distant task; the per-feature head is top-heavy)
+    levels_only = [lv for lv in both if lv not in (None, ALL_LEVELS, ALL_BY_FEATURE)]
+    for name, candidates in (
+        ("check: guarded ensemble of every candidate (the product's rule)", both),
+        ("far: guarded ensemble without the top", [lv for lv in both if lv is not None]),
+        ("far: guarded ensemble without the top and the per-feature head", [lv for lv in both if lv not in (None, ALL_BY_FEATURE)]),
+        ("far: guarded ensemble of the levels below the top", levels_only),
+    ):
+        picks[name] = guarded_ensemble(results, candidates, y)
+    # as the product does it (Plan.ensemble_levels_only): the single-level ensemble, kept unless
+    # the best of every frozen probe (the top and the every-level heads still run alone) leads it by > 2 SE
+    picks["far: single-level ensemble unless any single probe leads by > 2 SE"] = guarded_ensemble(results, levels_only, y, guard=both)
     depths = [lv for lv in order if lv != ALL_LEVELS]  # the single depths, top first
     best_depth = best_by_cv(results, depths)
     by_depth = sorted(depths, key=lambda lv: 99 if lv is None else lv)

@@ -5,7 +5,7 @@ recipes, which do not run its code. Each REPORT's new bench.json/md/html go to
 OUT/<REPORT's name>/; the preamble says which row was rerun, when, and `--note`.
 
     python benchmarks/bench_rerun_auto.py benchmarks/results/bench_cpu_128px_50perclass_seed0.json \
-        --note "commit abc123: every-level head with both scalings" --out runs/rerun
+        --note "commit abc123: every-level head with both scalings" --out runs/rerun [--dataset pneumoniamnist]
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ def main() -> int:
     parser.add_argument("reports", type=Path, nargs="+", help="bench.json files (one seed each)")
     parser.add_argument("--note", required=True, help="What changed (e.g. the commit): written into each report.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", action="append", default=None,
+                        help="Rerun only this dataset's cells (repeatable): the cells a change can touch.")
     args = parser.parse_args()
     quiet_frameworks()
     for path in args.reports:
         try:
-            report = rerun_autotransfer(json.loads(path.read_text()), args.out / path.stem, args.note, log=print)
+            report = rerun_autotransfer(json.loads(path.read_text()), args.out / path.stem, args.note, log=print,
+                                        datasets=args.dataset)
         except (OSError, ValueError, AutotransferError) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 1

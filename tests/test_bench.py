@@ -391,8 +391,9 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     out, _ = tiny_bench
     before = json.loads((out / "bench.json").read_text())
     script = Path(__file__).parents[1] / "benchmarks" / "bench_rerun_auto.py"
+    name = before["cells"][0]["dataset"]
     done = subprocess.run([sys.executable, str(script), str(out / "bench.json"), "--note", "after a change",
-                           "--out", str(tmp_path / "rerun")], capture_output=True, text=True, env=os.environ)
+                           "--dataset", name, "--out", str(tmp_path / "rerun")], capture_output=True, text=True, env=os.environ)
     assert done.returncode == 0, done.stdout + done.stderr
     after = json.loads((tmp_path / "rerun" / "bench" / "bench.json").read_text())
     (old,), (new,) = before["cells"], after["cells"]
@@ -405,7 +406,7 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
             assert {k: v for k, v in b.items() if k not in ("regret", "regret_se")} == {
                 k: v for k, v in a.items() if k not in ("regret", "regret_se")}
     assert after["reruns"][0]["rows"] == ["autotransfer"] and after["reruns"][0]["note"] == "after a change"
-    assert "Rerun of the autotransfer row(s) only, every other row kept as it was: after a change" in (
+    assert f"Rerun of the autotransfer row(s) only in the cells of {name}, every other row kept as it was: after a change" in (
         tmp_path / "rerun" / "bench" / "bench.md").read_text()
 
     other = json.loads(json.dumps(before))
@@ -414,3 +415,6 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "other.json"), "--note", "x",
                               "--out", str(tmp_path / "rerun2")], capture_output=True, text=True, env=os.environ)
     assert refused.returncode == 1 and "the images differ from the bench's" in refused.stderr
+    unknown = subprocess.run([sys.executable, str(script), str(out / "bench.json"), "--note", "x", "--dataset", "nosuch",
+                              "--out", str(tmp_path / "rerun3")], capture_output=True, text=True, env=os.environ)
+    assert unknown.returncode == 1 and f"the report has no cell of nosuch; its datasets: {name}" in unknown.stderr

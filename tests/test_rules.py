@@ -171,3 +171,11 @@ def test_every_level_at_once_is_tried_second_to_fourth_in_each_mode(profile: Pro
         assert plans[1].strategy == "frozen" and "every feature level at once" in " ".join(plans[1].reasons)
         assert plans[2].strategy == "frozen" and "each feature standardised alike" in " ".join(plans[2].reasons)
         assert plans[3].strategy == "frozen" and "the mean of the 3 best frozen probes" in " ".join(plans[3].reasons)
+
+
+def test_far_data_averages_single_level_probes_only(profile: Profile) -> None:
+    for distance, levels_only in ((0.9, False), (THRESHOLDS.far_distance + 5, True), (None, False)):
+        plans = rank_plans(shaped(profile, per_class=10, distance=distance), BASE)
+        assert {p.ensemble_levels_only for p in plans} == {levels_only}  # every Plan: the search builds trials on plans[0]
+        ensemble = next(p for p in plans if p.all_levels_mode == "ensemble")
+        assert ("the mean of the 3 best single-level probes" in " ".join(ensemble.reasons)) == levels_only

@@ -456,3 +456,21 @@ def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_log
     assert probe.members == best
     with torch.no_grad():
         torch.testing.assert_close(net.classifier(feats), torch.stack([logits[n] for n in best]).mean(0), rtol=1e-4, atol=1e-3)
+
+
+def test_a_far_ensemble_head_averages_single_levels_and_reads_nothing_of_the_top():
+    from autotransfer.train import ENSEMBLE_SIZE, probe_head
+
+    plan = Plan("test_resnet", weights="random", image_size=32, all_levels=True, all_levels_mode="ensemble",
+                ensemble_levels_only=True)
+    net = build_net(get_backbone("test_resnet"), plan, 3)
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat(8)
+    with torch.no_grad():
+        feats = net.features(torch.randn(24, 3, 32, 32) + labels.view(-1, 1, 1, 1).float())
+    probe = probe_head(net, feats, labels, plan, 3)
+    levels = [f"level {i}" for i in net.levels]
+    assert len(probe.members) == min(ENSEMBLE_SIZE, len(levels)) and set(probe.members) <= set(levels)
+    top = net.classifier[1].weight[:, -net.dims[-1]:]
+    assert torch.count_nonzero(top) == 0
+    assert torch.count_nonzero(net.classifier[1].weight) > 0
