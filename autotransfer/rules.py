@@ -75,7 +75,7 @@ ENSEMBLE_REASON = ("the mean of the 3 best frozen probes by cross-validation (ea
 # heads are dominated by the top's 1,280 features. Measured offline on the two sets the
 # profile puts at or above far_distance (benchmarks/results/frozen_selection_far.md, 10 seeds,
 # paired with the full candidate set): pneumoniamnist 10/class +3.8 ± 1.7 held-out points,
-# 50/class +0.3 ± 0.7; cifar10 (2.0-2.1, at the threshold) 10/class +0.1 ± 0.3, 50/class -0.7 ± 0.3.
+# 50/class +0.3 ± 0.7; cifar10 (2.0-2.1, at the threshold) 10/class -0.3 ± 0.3, 50/class -0.7 ± 0.3.
 ENSEMBLE_FAR_REASON = ("far from ImageNet: the mean of the 3 best single-level probes by cross-validation; the top "
                        "and the every-level heads, dominated by the top's ImageNet-specific features, are left out of it")
 

@@ -17,8 +17,10 @@ probabilities or logits of the best three of those by CV, the "ensemble" candida
 competing by CV, the ensemble unless the best single probe leads it by more than 1 or 2
 paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS), wider ensembles (every probe within 1
 or 2 paired SEs of the best by CV; the 3 best or more when more are within 1 SE, with the
-same guard; the best single depth and its neighbours), lowest CV log-loss, each fixed
-depth, and the mean of all depths. Mean held-out accuracy per rule, and each rule's paired gap
+same guard; the best single depth and its neighbours), the same guarded ensemble with the
+top, or the top and the per-feature head, or everything but single levels left out (the
+rule far from ImageNet, Plan.ensemble_levels_only; run on the far sets only:
+frozen_selection_far.md), lowest CV log-loss, each fixed depth, and the mean of all depths. Mean held-out accuracy per rule, and each rule's paired gap
 to the first with its standard error over cells x seeds.
 """
 
