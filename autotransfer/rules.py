@@ -75,7 +75,11 @@ ENSEMBLE_REASON = ("the mean of the 3 best frozen probes by cross-validation (ea
 # heads are dominated by the top's 1,280 features. Measured offline on the two sets the
 # profile puts at or above far_distance (benchmarks/results/frozen_selection_far.md, 10 seeds,
 # paired with the full candidate set): pneumoniamnist 10/class +3.8 ± 1.7 held-out points,
-# 50/class +0.3 ± 0.7; cifar10 (2.0-2.1, at the threshold) 10/class -0.3 ± 0.3, 50/class -0.7 ± 0.3.
+# 50/class +0.3 ± 0.7; cifar10 (2.0-2.1, at the threshold) 10/class -0.3 ± 0.3, 50/class -0.7 ± 0.3,
+# and -8.9 in one bench seed where the guard let the mean of levels 4, 3 and 2 through (0.507
+# vs 0.596). So only where the profile also sees a level below the top within
+# frozen_knn_margin of the best depth's k-NN: pneumoniamnist's levels 1-3 matched its best
+# (0.90-1.00) in every bench seed, cifar10's best level trailed its top by 0.2.
 ENSEMBLE_FAR_REASON = ("far from ImageNet: the mean of the 3 best single-level probes by cross-validation; the top "
                        "and the every-level heads, dominated by the top's ImageNet-specific features, are left out of it")
 
@@ -145,7 +149,11 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
         common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {t.small_image_size} px, not the backbone's size")
 
     far = f.distance is not None and f.distance >= t.far_distance
-    base = replace(base, ensemble_levels_only=far)  # on base: the search builds every trial's Plan from it
+    # far, and a level below the top as good as the best depth on k-NN: the ensemble averages
+    # single levels only (on base: the search builds every trial's Plan from it)
+    best_level_knn = max(f.level_knn.values(), default=None)
+    levels_compete = best_level_knn is not None and best_level_knn >= f.best_knn - t.frozen_knn_margin - 1e-6  # k-NN is float32
+    base = replace(base, ensemble_levels_only=far and levels_compete)
     where = (
         f"{'far from' if far else 'near'} ImageNet ({f.distance_method} {f.distance:.2f}, far from {t.far_distance:g})"
         if f.distance is not None else "distance to ImageNet unknown"
@@ -160,7 +168,8 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     frozen_below = _plan(base, "frozen", None, max(0, f.levels - 2), [*common, "one feature level below the top: with few images the best frozen cut was 1-2 blocks below the top on every set we measured"])
     frozen_all = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=True, reasons=[*common, ALL_LEVELS_REASON])
     frozen_all_features = replace(frozen_all, all_levels_mode="feature", reasons=[*common, FEATURE_SCALING_REASON])
-    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_FAR_REASON if far else ENSEMBLE_REASON])
+    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_REASON] if not base.ensemble_levels_only else [
+        *common, f"{ENSEMBLE_FAR_REASON} (k-NN at a level below the top {best_level_knn:.3f}, within {t.frozen_knn_margin:g} of the best depth's {f.best_knn:.3f})"])
     half = max(1, f.groups // 2)
     partial_mid = _plan(base, "partial", half, None, [*common, f"fine-tune the top {f.groups - half} of {f.groups} groups (from the middle)"])
     partial_far = _plan(base, "partial", max(1, half - 1), None, [*common, "far from ImageNet: more blocks retrained than near it"])

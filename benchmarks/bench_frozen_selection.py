@@ -106,18 +106,28 @@ def within_se_of_best(results: dict, candidates: list, k: float) -> list:
     return members
 
 
-def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: list | None = None) -> np.ndarray:
+def temperature(cv_logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The scale of a probe's logits with the lowest out-of-fold log-loss (Guo et al. 2017)."""
+    grid = np.geomspace(0.02, 50, 81)
+    losses = [float(torch.nn.functional.cross_entropy(cv_logits.float() * t, y)) for t in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
+def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: list | None = None,
+                     calibrate: bool = False) -> np.ndarray:
     """The product's rule on `candidates`: the mean logits of the 3 best by CV unless the
     best single one (of `guard`, by default the candidates) leads that mean's CV by more
-    than 2 paired SEs."""
+    than 2 paired SEs. `calibrate`: each member's logits scaled to its best CV log-loss
+    first, so that no member outweighs the others by its scale alone."""
     top3 = sorted(candidates, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
-    mean_cv = torch.stack([results[lv]["cv_logits"] for lv in top3]).mean(0).argmax(1).tolist()
+    scale = {lv: temperature(results[lv]["cv_logits"], y) if calibrate else 1.0 for lv in top3}
+    mean_cv = torch.stack([results[lv]["cv_logits"] * scale[lv] for lv in top3]).mean(0).argmax(1).tolist()
     single = best_by_cv(results, guard or candidates)
     single_pred = results[single]["cv_logits"].argmax(1).tolist()
     lead = results[single]["cv_balanced"] - balanced_accuracy_of(mean_cv, y.tolist())
     if lead > 2 * balanced_accuracy_gap_se(single_pred, mean_cv, y.tolist()):
         return results[single]["proba"]
-    return torch.softmax(torch.from_numpy(np.mean([results[lv]["logits"] for lv in top3], 0)), 1).numpy()
+    return torch.softmax(torch.from_numpy(np.mean([results[lv]["logits"] * scale[lv] for lv in top3], 0)), 1).numpy()
 
 
 def rules(results: dict, order: list) -> dict[str, np.ndarray]:
@@ -174,6 +184,9 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     # as the product does it (Plan.ensemble_levels_only): the single-level ensemble, kept unless
     # the best of every frozen probe (the top and the every-level heads still run alone) leads it by > 2 SE
     picks["far: single-level ensemble unless any single probe leads by > 2 SE"] = guarded_ensemble(results, levels_only, y, guard=both)
+    picks["far: single-level ensemble, members temperature-scaled on CV, guarded"] = guarded_ensemble(
+        results, levels_only, y, guard=both, calibrate=True)
+    picks["every candidate, members temperature-scaled on CV, guarded"] = guarded_ensemble(results, both, y, calibrate=True)
     depths = [lv for lv in order if lv != ALL_LEVELS]  # the single depths, top first
     best_depth = best_by_cv(results, depths)
     by_depth = sorted(depths, key=lambda lv: 99 if lv is None else lv)

@@ -173,9 +173,14 @@ def test_every_level_at_once_is_tried_second_to_fourth_in_each_mode(profile: Pro
         assert plans[3].strategy == "frozen" and "the mean of the 3 best frozen probes" in " ".join(plans[3].reasons)
 
 
-def test_far_data_averages_single_level_probes_only(profile: Profile) -> None:
-    for distance, levels_only in ((0.9, False), (THRESHOLDS.far_distance + 5, True), (None, False)):
-        plans = rank_plans(shaped(profile, per_class=10, distance=distance), BASE)
+def test_far_data_averages_single_level_probes_only_where_a_level_competes(profile: Profile) -> None:
+    far = THRESHOLDS.far_distance + 5
+    level = next(d.feature_level for d in profile.depths if d.feature_level is not None)
+    for distance, best_level, levels_only in ((0.9, level, False), (far, level, True), (None, level, False), (far, None, False)):
+        shape = shaped(profile, per_class=10, distance=distance, best_level=best_level)
+        if best_level is None:  # the top well ahead of every level
+            shape = replace(shape, depths=[*shape.depths[:-1], replace(shape.depths[-1], knn_accuracy=0.9)])
+        plans = rank_plans(shape, BASE)
         assert {p.ensemble_levels_only for p in plans} == {levels_only}  # every Plan: the search builds trials on plans[0]
         ensemble = next(p for p in plans if p.all_levels_mode == "ensemble")
         assert ("the mean of the 3 best single-level probes" in " ".join(ensemble.reasons)) == levels_only
