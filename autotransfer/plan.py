@@ -105,7 +105,8 @@ class Plan:
     all_levels_mode: str = "level"
     # "ensemble" only: its members are chosen among the feature levels alone, the top and the
     # every-level heads (dominated by the top's 1,280 features) left out. The rules set it far
-    # from ImageNet, where the top layers transfer worst (Yosinski et al. 2014): on
+    # from ImageNet, where the top layers transfer worst (Yosinski et al. 2014), when a level
+    # below the top matches the best depth on k-NN: on
     # pneumoniamnist at 10/class it gained 3.8 ± 1.7 held-out points (rules.ENSEMBLE_FAR_REASON).
     ensemble_levels_only: bool = False
     # BatchNorm of the blocks being fine-tuned: "frozen" keeps ImageNet running statistics
