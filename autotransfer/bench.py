@@ -1109,7 +1109,8 @@ def _preamble(report: dict) -> list[str]:
     m = report["machine"]
     v = report["versions"]
     return [
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command']}`" if len(report.get("commands", [])) < 2 else
+        "Commands (merged, one cell or more each): " + "; ".join(f"`{c}`" for c in report["commands"]),
         f"Settings: {report['settings_text']}.",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, GPU: {m['gpu'] or 'none'}; "
         f"load average {report['load_average_start']} at the start, {report.get('load_average_end')} at the end.",

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from autotransfer.bench import (
     HOLDOUT_FRACTION, BenchSettings, cap_split, draw_val, duel, has_test_folder, parse_sizes, scan_datasets,
-    merge_by_seed, score_cell, subsample, summarise_seeds,
+    format_markdown, merge_by_seed, score_cell, subsample, summarise_seeds,
 )
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
@@ -381,6 +381,18 @@ def test_merging_an_already_merged_report_keeps_every_command() -> None:
     assert [(c["dataset"], c["size"]) for c in merged["cells"]] == [("a", "10/class"), ("b", "10/class"), ("a", "50/class")]
     with pytest.raises(DataError, match="two bench reports hold b 10/class of seed 0"):
         merge_by_seed([old, report("bench b --per-class 10", ("b", "10/class"))])
+
+
+def test_a_merged_reports_preamble_names_every_command(tiny_bench: tuple[Path, str]) -> None:
+    out, _ = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    other = json.loads(json.dumps(report))
+    other["command"] += " --again"
+    other["cells"][0]["dataset"] = "copy"
+    (merged,) = merge_by_seed([report, other])
+    text = format_markdown(merged)
+    assert f"Commands (merged, one cell or more each): `{report['command']}`; `{other['command']}`" in text
+    assert f"Command: `{report['command']}`" in format_markdown(report)
 
 
 def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
