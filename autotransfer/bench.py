@@ -700,8 +700,9 @@ def rerun_autotransfer(
     """
     settings = BenchSettings(**report["settings"])
     held = sorted({cell["dataset"] for cell in report["cells"]})
-    if datasets is not None and set(datasets) - set(held):
-        raise DataError(f"the report has no cell of {', '.join(sorted(set(datasets) - set(held)))}; its datasets: {', '.join(held)}")
+    missing = sorted(set(datasets or ()) - set(held))
+    if missing:
+        raise DataError(f"the report has no cell of {', '.join(missing)}; its datasets: {', '.join(held)}")
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     out.mkdir(parents=True, exist_ok=True)
     with use_cache(out / "cache"):

@@ -168,8 +168,11 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     frozen_below = _plan(base, "frozen", None, max(0, f.levels - 2), [*common, "one feature level below the top: with few images the best frozen cut was 1-2 blocks below the top on every set we measured"])
     frozen_all = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=True, reasons=[*common, ALL_LEVELS_REASON])
     frozen_all_features = replace(frozen_all, all_levels_mode="feature", reasons=[*common, FEATURE_SCALING_REASON])
-    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ENSEMBLE_REASON] if not base.ensemble_levels_only else [
-        *common, f"{ENSEMBLE_FAR_REASON} (k-NN at a level below the top {best_level_knn:.3f}, within {t.frozen_knn_margin:g} of the best depth's {f.best_knn:.3f})"])
+    ensemble_reason = (
+        f"{ENSEMBLE_FAR_REASON} (k-NN at a level below the top {best_level_knn:.3f}, within {t.frozen_knn_margin:g} "
+        f"of the best depth's {f.best_knn:.3f})" if base.ensemble_levels_only else ENSEMBLE_REASON
+    )
+    frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ensemble_reason])
     half = max(1, f.groups // 2)
     partial_mid = _plan(base, "partial", half, None, [*common, f"fine-tune the top {f.groups - half} of {f.groups} groups (from the middle)"])
     partial_far = _plan(base, "partial", max(1, half - 1), None, [*common, "far from ImageNet: more blocks retrained than near it"])

@@ -114,18 +114,19 @@ def temperature(cv_logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: list | None = None,
-                     calibrate: bool = False) -> np.ndarray:
+                     calibrate: bool = False, standard_errors: float = 2.0) -> np.ndarray:
     """The product's rule on `candidates`: the mean logits of the 3 best by CV unless the
     best single one (of `guard`, by default the candidates) leads that mean's CV by more
-    than 2 paired SEs. `calibrate`: each member's logits scaled to its best CV log-loss
-    first, so that no member outweighs the others by its scale alone."""
+    than `standard_errors` paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS). `calibrate`:
+    each member's logits scaled to its best CV log-loss first, so that no member outweighs
+    the others by its scale alone."""
     top3 = sorted(candidates, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
     scale = {lv: temperature(results[lv]["cv_logits"], y) if calibrate else 1.0 for lv in top3}
     mean_cv = torch.stack([results[lv]["cv_logits"] * scale[lv] for lv in top3]).mean(0).argmax(1).tolist()
     single = best_by_cv(results, guard or candidates)
     single_pred = results[single]["cv_logits"].argmax(1).tolist()
     lead = results[single]["cv_balanced"] - balanced_accuracy_of(mean_cv, y.tolist())
-    if lead > 2 * balanced_accuracy_gap_se(single_pred, mean_cv, y.tolist()):
+    if lead > standard_errors * balanced_accuracy_gap_se(single_pred, mean_cv, y.tolist()):
         return results[single]["proba"]
     return torch.softmax(torch.from_numpy(np.mean([results[lv]["logits"] * scale[lv] for lv in top3], 0)), 1).numpy()
 
@@ -152,12 +153,10 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     }
     picks["product + all per feature + ensemble"] = results[best_by_cv(results, [*both[:3], ENSEMBLE, *both[3:]])]["proba"]
     # the ensemble unless the best single probe leads it on CV by more than k paired SEs
-    single = best_by_cv(results, both)
-    ensemble_pred, single_pred = mean_cv.argmax(1).tolist(), results[single]["cv_logits"].argmax(1).tolist()
-    se = balanced_accuracy_gap_se(single_pred, ensemble_pred, y.tolist())
-    lead = results[single]["cv_balanced"] - results[ENSEMBLE]["cv_balanced"]
     for k in (1.0, 2.0):
-        picks[f"ensemble unless a single leads by > {k:g} SE"] = results[single if lead > k * se else ENSEMBLE]["proba"]
+        picks[f"ensemble unless a single leads by > {k:g} SE"] = guarded_ensemble(results, both, y, standard_errors=k)
+    single = best_by_cv(results, both)
+    single_pred = results[single]["cv_logits"].argmax(1).tolist()
     # wider ensembles where CV cannot tell the candidates apart (20 images at 10/class)
     for k in (1.0, 2.0):
         members = within_se_of_best(results, both, k)
@@ -175,7 +174,6 @@ def rules(results: dict, order: list) -> dict[str, np.ndarray]:
     # top layers transfer worst to a distant task; the per-feature head is top-heavy)
     levels_only = [lv for lv in both if lv not in (None, ALL_LEVELS, ALL_BY_FEATURE)]
     for name, candidates in (
-        ("check: guarded ensemble of every candidate (the product's rule)", both),
         ("far: guarded ensemble without the top", [lv for lv in both if lv is not None]),
         ("far: guarded ensemble without the top and the per-feature head", [lv for lv in both if lv not in (None, ALL_BY_FEATURE)]),
         ("far: guarded ensemble of the levels below the top", levels_only),
