@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from autotransfer.bench import (
     HOLDOUT_FRACTION, BenchSettings, cap_split, draw_val, duel, has_test_folder, parse_sizes, scan_datasets,
-    format_markdown, merge_by_seed, score_cell, subsample, summarise_seeds,
+    best_recipe, format_markdown, merge_by_seed, score_cell, subsample, summarise_seeds,
 )
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
@@ -208,6 +208,29 @@ def test_wins_and_losses_count_only_beyond_the_paired_se() -> None:
     assert cell["verdict"] == "unclear"
 
 
+def test_the_best_recipe_is_one_row_over_seeds_not_each_seeds_luckiest() -> None:
+    targets = [0] * 10 + [1] * 10
+
+    def row(recipe: str, wrong: list[int], kinds: list[str] = ["fixed"]) -> dict:
+        predicted = [1 - t if i in wrong else t for i, t in enumerate(targets)]
+        return {"recipe": recipe, "kinds": kinds, "heldout_predicted": predicted,
+                "heldout_accuracy": sum(p == t for p, t in zip(predicted, targets)) / len(targets)}
+
+    # "steady" is 0.9 in both seeds; "lucky" leads seed 0 (0.95) and trails seed 1 (0.75)
+    seeds = [[row("steady", [0, 1]), row("lucky", [2]), row("autotransfer", [0, 1, 2], ["auto"])],
+             [row("steady", [0, 1]), row("lucky", [2, 3, 4, 5, 6]), row("autotransfer", [0, 3], ["auto"])]]
+    cells = [score_cell({"rows": rows, "heldout_targets": targets, "images": {"test": 20}, "heldout": "test"})
+             for rows in seeds]
+    assert [c["autotransfer_regret"] for c in cells] == [10.0, 0.0]  # against lucky, then steady
+    best = best_recipe(cells)
+    assert best["recipe"] == "steady" and best["accuracy"] == 0.9
+    assert best["gaps"] == [5.0, 0.0] and best["mean_gap"] == 2.5
+    assert best["gap_ses"][1] == pytest.approx(100 * math.sqrt(2 / 19 / 20), abs=0.01)  # +1 and -1 once each
+    assert best["mean_gap_se"] == pytest.approx(math.sqrt(sum(v * v for v in best["gap_ses"])) / 2, abs=0.01)
+    without_auto = [{**c, "rows": [r for r in c["rows"] if r["recipe"] != "autotransfer"]} for c in cells]
+    assert best_recipe(without_auto) is None
+
+
 def test_seed_summary_averages_each_cells_regrets_over_seeds(
     tiny_bench: tuple[Path, str], split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,6 +259,7 @@ def test_seed_summary_averages_each_cells_regrets_over_seeds(
     assert done.returncode == 0, done.stderr
     markdown = (tmp_path / "seeds.md").read_text()
     assert f"| {split_folder.name} | 4 (" in markdown and "mean regret over seeds [0, 1]" in markdown
+    assert row["best_recipe"] == best_recipe(cells) and "within one paired SE of the cell's best recipe" in markdown
     assert json.loads((tmp_path / "seeds.json").read_text())["rows"][0]["regrets"] == row["regrets"]
 
     same_seed = subprocess.run([sys.executable, str(script), str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x")],
