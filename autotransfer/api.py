@@ -166,13 +166,17 @@ def profile(
     progress: bool | None = None,
 ) -> Profile:
     """Measure DATA for a backbone: size, images, quality, distance to ImageNet per depth
-    (`autotransfer profile`). `Profile.save(path)` writes it as JSON."""
+    (`autotransfer profile`), at `image_size`, else at the size `fit` would train at (128
+    px for small images, else the backbone's). `Profile.save(path)` writes it as JSON."""
+    from autotransfer.data import scan_folder
     from autotransfer.profile import profile_dataset
+    from autotransfer.rules import input_size
 
     check_number("image_size", image_size)
     check_number("seed", seed)
-    return profile_dataset(data, backbone, weights, max_images=max_images, image_size=image_size,
-                           calibration=calibration, seed=seed, progress=wants_progress(progress))
+    scan = scan_folder(data, 0.2, seed)
+    return profile_dataset(data, backbone, weights, max_images=max_images, image_size=image_size or input_size(scan.median_side()),
+                           calibration=calibration, seed=seed, progress=wants_progress(progress), scan=scan)
 
 
 def plan(

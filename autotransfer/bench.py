@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
-from statistics import median
 from typing import Callable, Collection
 
 from autotransfer import __version__
@@ -54,7 +53,7 @@ from autotransfer.errors import DataError
 from autotransfer.features import use_cache
 from autotransfer.plan import Plan, describe
 from autotransfer.recipes import AUTO, FIXED, GRID, PEER, REFERENCE, Recipe, auto_recipe, fixed_recipes, grid_recipes
-from autotransfer.rules import THRESHOLDS
+from autotransfer.rules import THRESHOLDS, input_size
 
 SCHEMA = "autotransfer.bench/2"
 WITHIN_POINTS = 1.0  # issue 4: the selector's pick must be within 1 point of the cell's best
@@ -198,9 +197,7 @@ def resolve_image_size(scan: DatasetScan, settings: BenchSettings) -> int | None
     choice (small images upsampled to 128 px), so the selector and the recipes agree."""
     if settings.image_size is not None:
         return settings.image_size
-    records = [r for rs in scan.splits.values() for r in rs]
-    side = min(median(r.width for r in records), median(r.height for r in records))
-    return THRESHOLDS.small_image_size if side < THRESHOLDS.small_image_side else None
+    return input_size(scan.median_side())
 
 
 def has_test_folder(scan: DatasetScan) -> bool:

@@ -439,7 +439,7 @@ def demo_data(out: Path, size: int) -> None:
 @click.option("--weights", default="pretrained", help="'pretrained', 'random', or a state-dict file for the backbone.")
 @click.option("--max-images", type=click.IntRange(min=2), default=1000,
               help="Profile at most N images of train+val, sampled stratified by class (sizes and quality checks still read every file).")
-@click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px [default: the backbone's].")
+@click.option("--image-size", type=int, callback=_plan_field, default=None, help="Input size in px [default: what fit trains at: 128 for images under 96 px, else the backbone's].")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Folder of near-ImageNet photos that sets the reference level of the distances [default: photos bundled with scikit-image/scikit-learn].")
 @click.option("--seed", type=int, callback=_plan_field, default=0, help="Seed of the sample and of the validation split drawn when DATA has no val/.")

@@ -65,6 +65,14 @@ class DatasetScan:
     layout: str = "splits"  # "splits" or "class-folders"
     val_drawn: bool = False  # val was drawn from train by us (no val/ folder): the model may refit on both (Plan.refit)
 
+    def median_side(self) -> float:
+        """The smaller of the median width and the median height over every split, in px
+        (read from the file headers at scan time: no image is decoded)."""
+        records = [r for rs in self.splits.values() for r in rs]
+        if not records:
+            return 0.0
+        return float(min(median(r.width for r in records), median(r.height for r in records)))
+
     def content_hash(self, split: str) -> str:
         """Hash of the split's file contents and labels: changes iff the data changes."""
         digest = hashlib.sha1()

@@ -24,7 +24,9 @@ class Thresholds:
     few_per_class: float = 20
     many_per_class: float = 500
     # Summary distance (profile.summary.distance, relative BN gap: 1.0 = the calibration
-    # photos). Near sets (hymenoptera, flowers) measured below it, pneumoniamnist far above.
+    # photos), measured at the input size trials train at. Near sets (hymenoptera, flowers:
+    # 0.76-1.04 at 128 or 224 px) below it, pneumoniamnist far above (5.6-5.9 at 128 px),
+    # cifar10 on it (2.0-2.1 at 128 px; its k-NN gate keeps the far ensemble rule off it).
     far_distance: float = 2.0
     # Largest/smallest class at or above this: weight the loss by inverse frequency.
     imbalance_ratio: float = 3.0
@@ -144,8 +146,9 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     if f.imbalance >= t.imbalance_ratio:
         base = replace(base, class_weighting=True)
         common.append(f"classes imbalanced {f.imbalance:.1f}:1 (>= {t.imbalance_ratio:g}) -> loss weighted by inverse class frequency")
-    if f.median_side < t.small_image_side and base.image_size is None:
-        base = replace(base, image_size=t.small_image_size)
+    upsampled = input_size(f.median_side, t)
+    if base.image_size is None and upsampled is not None:
+        base = replace(base, image_size=upsampled)
         common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {t.small_image_size} px, not the backbone's size")
 
     far = f.distance is not None and f.distance >= t.far_distance
@@ -203,6 +206,13 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     for i, plan in enumerate(ranked[1:], start=2):
         ranked[i - 1] = replace(plan, reasons=[f"alternative {i}: {lead.split(' -> ')[0]}", *plan.reasons])
     return ranked
+
+
+def input_size(median_side: float, t: Thresholds = THRESHOLDS) -> int | None:
+    """The input size the rules train images of this median side at: small ones upsampled
+    to `small_image_size`, others at the backbone's own size (None). The selector profiles
+    at it too, so the profile's distances and k-NN are those of the pixels trials see."""
+    return t.small_image_size if median_side < t.small_image_side else None
 
 
 def rank_backbones(

@@ -23,7 +23,7 @@ from autotransfer.features import cache_feature_levels
 from autotransfer.plan import Plan, describe
 from autotransfer.predict import evaluate_records
 from autotransfer.profile import Profile, profile_dataset
-from autotransfer.rules import THRESHOLDS, rank_plans, rank_plans_across_backbones
+from autotransfer.rules import THRESHOLDS, input_size, rank_plans, rank_plans_across_backbones
 from autotransfer.search import (
     SearchConfig,
     adopt_best,
@@ -247,7 +247,9 @@ def profile_and_rank(
     at least MIN_IMAGES_TO_RANK_BACKBONES images, each of `optional_backbones` (the other
     installed ones); then let the rules rank backbones and Plans. The leading backbone's
     profile comes first. Nothing here depends on how fast the machine is: backbones are
-    costed in FLOPs, not seconds.
+    costed in FLOPs, not seconds. Each profile is made at the input size the Plans will
+    train at (the base Plan's, else the rules' `input_size`: 128 px for small images), so
+    its distances and per-depth k-NN are measured on the pixels the trials see.
 
     Of several backbones, one whose weights cannot be loaded is dropped with a logged
     reason; a name no plugin offers (or one whose spec failed) stops before any profile."""
@@ -262,10 +264,11 @@ def profile_and_rank(
     for name in names:
         get_backbone(name)
     profiles, dropped = [], []
+    image_size = base.image_size or input_size(scan.median_side())
     for name in names:
         try:
             profiles.append(profile_dataset(
-                scan.root, name, base.weights, max_images=max_images, image_size=base.image_size,
+                scan.root, name, base.weights, max_images=max_images, image_size=image_size,
                 val_fraction=base.val_fraction, seed=base.seed, progress=progress, scan=scan,
             ))
         except BackboneError as exc:

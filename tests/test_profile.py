@@ -16,6 +16,7 @@ from autotransfer.data import scan_folder
 from autotransfer.errors import DataError
 from autotransfer.features import cached_features, eval_transform, extract_features
 from autotransfer.plan import Plan
+from autotransfer.rules import THRESHOLDS, input_size
 from autotransfer.profile import (
     SCHEMA,
     Profile,
@@ -235,8 +236,18 @@ def test_cli_profile(cache, data: Path, tmp_path: Path) -> None:
         "--image-size", "64", "--out", str(out), "--no-progress",
     ])
     assert result.exit_code == 0, result.output
-    assert Profile.load(out).backbone == "test_resnet"
+    assert Profile.load(out).backbone == "test_resnet" and Profile.load(out).image_size == 64
     assert "LEAK" in result.output and "relative BN gap" in result.output
+
+
+def test_profile_measures_small_images_at_the_size_fit_trains_them_at(cache, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["profile", str(data), "--backbone", "test_resnet", "--weights", "random",
+                                       "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert scan_folder(data).median_side() == 32 < THRESHOLDS.small_image_side  # 32 x 40 px images
+    assert Profile.load(out).image_size == THRESHOLDS.small_image_size == input_size(32)
+    assert input_size(THRESHOLDS.small_image_side) is None  # photos: the backbone's own size
 
 
 @pytest.mark.parametrize("args", [

@@ -94,6 +94,7 @@ def test_sampled_trials_see_the_data_as_the_rules_did(image_folder: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert "upsampled to 128 px" in result.output  # 40 px images; a reason, shown with -v
     assert json.loads((run / "search.json").read_text())["base"]["image_size"] == 128 == Plan.load(run / "plan.json").image_size
+    assert json.loads((run / "profile.json").read_text())["image_size"] == 128  # profiled on the pixels trials see
 
 
 @pytest.mark.filterwarnings("ignore:Overwriting leaky_tinynet")
