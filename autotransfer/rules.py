@@ -155,7 +155,7 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     # far, and a level below the top as good as the best depth on k-NN: the ensemble averages
     # single levels only (on base: the search builds every trial's Plan from it)
     best_level_knn = max(f.level_knn.values(), default=None)
-    levels_compete = best_level_knn is not None and best_level_knn >= f.best_knn - t.frozen_knn_margin - 1e-6  # k-NN is float32
+    levels_compete = best_level_knn is not None and _near_best(best_level_knn, f, t)
     base = replace(base, ensemble_levels_only=far and levels_compete)
     where = (
         f"{'far from' if far else 'near'} ImageNet ({f.distance_method} {f.distance:.2f}, far from {t.far_distance:g})"
@@ -272,9 +272,16 @@ def _frozen_levels(f: Facts, t: Thresholds) -> list[tuple[int, str]]:
         knn = f.level_knn.get(level)
         if knn is None:
             out.append((level, f"frozen at feature level {level}: not measured by the profile, and it costs no extra pass over the data"))
-        elif knn >= f.best_knn - t.frozen_knn_margin:
+        elif _near_best(knn, f, t):
             out.append((level, f"frozen at feature level {level}: k-NN {knn:.3f}, within {t.frozen_knn_margin:g} of the best depth's {f.best_knn:.3f}"))
     return out
+
+
+def _near_best(knn: float, f: Facts, t: Thresholds) -> bool:
+    """Within `frozen_knn_margin` of the best depth's k-NN. The profile's k-NN accuracies
+    are float32 steps of 1/images: a level exactly one margin behind (0.90 vs 0.95 on 20
+    images) is within it, not lost to rounding (0.9 < 0.95 - 0.05 in floating point)."""
+    return knn >= f.best_knn - t.frozen_knn_margin - 1e-6
 
 
 def _plan(base: Plan, strategy: str, cut: int | None, level: int | None, reasons: list[str]) -> Plan:

@@ -122,6 +122,18 @@ def test_frozen_extractors_are_tried_at_every_level_near_the_best_knn(profile: P
     assert any("k-NN" in r for r in why)
 
 
+def test_a_level_exactly_one_margin_behind_the_best_knn_is_within_it(profile: Profile) -> None:
+    import numpy as np
+
+    shape = shaped(profile, per_class=10, best_level=1)
+    best, behind = float(np.float32(0.95)), float(np.float32(0.90))  # 19 and 18 of 20 images, as profiled
+    assert behind < best - THRESHOLDS.frozen_knn_margin  # what a plain comparison would leave out
+    depths = [replace(d, knn_accuracy=best if d.feature_level == 1 else behind if d.feature_level == 2 else 0.5)
+              for d in shape.depths]
+    plans = rank_plans(replace(shape, depths=depths), BASE)
+    assert {1, 2} <= {p.feature_level for p in plans if p.strategy == "frozen"}
+
+
 # ---------------------------------------------------------------- backbones
 
 
