@@ -56,6 +56,7 @@ class ProbeFit:
     cv_accuracy: float
     cv_scores: dict[float, float]  # C -> mean out-of-fold balanced accuracy (on the sample past SELECT_MAX)
     members: list[str] = field(default_factory=list)  # a mean of probes (`mean_of_best`): which
+    member_scales: list[float] = field(default_factory=list)  # and each one's logit scale
 
 
 def cv_log_loss(log_proba: torch.Tensor, labels: torch.Tensor) -> float:
@@ -65,27 +66,45 @@ def cv_log_loss(log_proba: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-picked.clamp(min=-20.0).mean())
 
 
+# The logit scales `logit_scale` chooses among (Guo et al. 2017's temperature, inverted).
+LOGIT_SCALES = np.geomspace(0.02, 50, 81)
+
+
+def logit_scale(cv_logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The factor on a probe's logits with the lowest out-of-fold log-loss: its
+    temperature, as a scale. A probe's logits grow with its C (the least regularised of
+    several probes has the largest), so members are put on one footing before averaging."""
+    losses = [float(torch.nn.functional.cross_entropy(cv_logits.float() * scale, labels.long())) for scale in LOGIT_SCALES]
+    return float(LOGIT_SCALES[int(np.argmin(losses))])
+
+
 def mean_of_best(fits: dict[str, ProbeFit], labels: torch.Tensor, k: int) -> ProbeFit:
     """The k best probes by CV (balanced accuracy, ties to the lower log-loss) as one: their
-    logits averaged, which for heads on the same features is one linear layer. Its CV
-    scores are those of the averaged out-of-fold log-probabilities, on the same folds.
+    logits, each scaled to its lowest out-of-fold log-loss (`logit_scale`), averaged,
+    which for heads on the same features is one linear layer. Its CV scores are those of
+    the averaged out-of-fold log-probabilities, on the same folds.
 
     Averaging the best few frozen depths beat picking the best one (selection by CV on
-    few images is noisy): benchmarks/results/frozen_selection.md."""
+    few images is noisy): benchmarks/results/frozen_selection.md. Unscaled, the member of
+    the largest logits (often the least regularised, C 10-300x the others') decided alone
+    where the members disagreed: scaling gained on average over 4 sets, most on
+    hymenoptera 10/class (frozen_selection_scaled.md)."""
     ranked = sorted(fits, key=lambda name: (-fits[name].cv_balanced_accuracy, cv_log_loss(fits[name].cv_logits, labels)))[:k]
     chosen = [fits[name] for name in ranked]
-    cv_logits = torch.log_softmax(torch.stack([f.cv_logits.float() for f in chosen]).mean(0), dim=1)
+    scales = [logit_scale(f.cv_logits, labels) for f in chosen]
+    cv_logits = torch.log_softmax(torch.stack([s * f.cv_logits.float() for s, f in zip(scales, chosen)]).mean(0), dim=1)
     predicted = cv_logits.argmax(1)
     return ProbeFit(
         C=chosen[0].C,
-        weight=torch.stack([f.weight for f in chosen]).mean(0),
-        bias=torch.stack([f.bias for f in chosen]).mean(0),
+        weight=torch.stack([s * f.weight for s, f in zip(scales, chosen)]).mean(0),
+        bias=torch.stack([s * f.bias for s, f in zip(scales, chosen)]).mean(0),
         folds=chosen[0].folds,
         cv_logits=cv_logits,
         cv_balanced_accuracy=balanced_accuracy_of(predicted.tolist(), labels.tolist()),
         cv_accuracy=float((predicted == labels).float().mean()),
         cv_scores=chosen[0].cv_scores,
         members=ranked,
+        member_scales=[round(s, 4) for s in scales],
     )
 
 

@@ -420,7 +420,7 @@ def fit(
                 "balanced_accuracy": probe.cv_balanced_accuracy, "accuracy": probe.cv_accuracy,
                 "n": len(pool_y), "folds": probe.folds, "C": probe.C, "refit": refit,
                 "predicted": probe.cv_logits.argmax(1).tolist(), "target": pool_y.tolist(),
-                **({"members": probe.members} if probe.members else {}),
+                **({"members": probe.members, "member_scales": probe.member_scales} if probe.members else {}),
             }
             head_score = probe.cv_balanced_accuracy
             log(f"linear probe ({'mean of ' + ', '.join(probe.members) if probe.members else f'C {probe.C:.2g}'}, "

@@ -41,7 +41,7 @@ from autotransfer.bench import BenchSettings, cap_split, resolve_image_size, sca
 from autotransfer.features import cache_feature_levels, use_cache
 from autotransfer.metrics import balanced_accuracy_gap_se, balanced_accuracy_of
 from autotransfer.plan import Plan
-from autotransfer.probe import cv_log_loss, fit_probe
+from autotransfer.probe import cv_log_loss, fit_probe, logit_scale
 from autotransfer.references import depth_features
 from autotransfer.strategies import ALL_LEVELS, build_net
 
@@ -106,13 +106,6 @@ def within_se_of_best(results: dict, candidates: list, k: float) -> list:
     return members
 
 
-def temperature(cv_logits: torch.Tensor, y: torch.Tensor) -> float:
-    """The scale of a probe's logits with the lowest out-of-fold log-loss (Guo et al. 2017)."""
-    grid = np.geomspace(0.02, 50, 81)
-    losses = [float(torch.nn.functional.cross_entropy(cv_logits.float() * t, y)) for t in grid]
-    return float(grid[int(np.argmin(losses))])
-
-
 def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: list | None = None,
                      calibrate: bool = False, standard_errors: float = 2.0) -> np.ndarray:
     """The product's rule on `candidates`: the mean logits of the 3 best by CV unless the
@@ -121,7 +114,7 @@ def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: li
     each member's logits scaled to its best CV log-loss first, so that no member outweighs
     the others by its scale alone."""
     top3 = sorted(candidates, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
-    scale = {lv: temperature(results[lv]["cv_logits"], y) if calibrate else 1.0 for lv in top3}
+    scale = {lv: logit_scale(results[lv]["cv_logits"], y) if calibrate else 1.0 for lv in top3}
     mean_cv = torch.stack([results[lv]["cv_logits"] * scale[lv] for lv in top3]).mean(0).argmax(1).tolist()
     single = best_by_cv(results, guard or candidates)
     single_pred = results[single]["cv_logits"].argmax(1).tolist()

@@ -12,7 +12,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from autotransfer.probe import C_GRID, ProbeFit, cv_log_loss, fit_probe, folds_for, mean_of_best, stratified_sample
+from autotransfer.probe import (
+    C_GRID, LOGIT_SCALES, ProbeFit, cv_log_loss, fit_probe, folds_for, logit_scale, mean_of_best, stratified_sample,
+)
 
 
 def blobs(n: int, d: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +145,43 @@ def test_mean_of_best_averages_the_k_best_by_cv_with_ties_to_the_lower_log_loss(
     assert cv_log_loss(fits["b"].cv_logits, labels) < cv_log_loss(fits["a"].cv_logits, labels)
     mean = mean_of_best(fits, labels, 3)
     assert mean.members == ["b", "a", "d"]  # 0.9 (lower loss first), 0.9, 0.7; c left out
-    torch.testing.assert_close(mean.weight, torch.full((2, 3), 11.0 / 3))
-    torch.testing.assert_close(mean.bias, torch.full((2,), 11.0 / 3))
+    scales = [logit_scale(fits[name].cv_logits, labels) for name in mean.members]
+    assert mean.member_scales == pytest.approx(scales, abs=1e-4)
+    expected = sum(s * fits[name].weight for s, name in zip(scales, mean.members)) / 3
+    torch.testing.assert_close(mean.weight, expected)
+    torch.testing.assert_close(mean.bias, expected[:, 0])
     assert mean.C == 2.0 and mean.cv_balanced_accuracy == 1.0 and mean.cv_accuracy == 1.0
     torch.testing.assert_close(mean.cv_logits.exp().sum(1), torch.ones(4))  # still log-probabilities
+
+
+def test_logit_scale_has_the_lowest_out_of_fold_log_loss():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # right on 4 of 6 images, with logits 10 apart: far too sure; the best scale shrinks them
+    logits = torch.tensor([[5.0, -5.0]] * 2 + [[-5.0, 5.0]] + [[5.0, -5.0]] + [[-5.0, 5.0]] * 2)
+    scale = logit_scale(logits, labels)
+    assert scale < 1.0 and scale in LOGIT_SCALES
+
+    def loss(s: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits * s, labels))
+
+    assert loss(scale) == min(loss(s) for s in LOGIT_SCALES) < loss(1.0)
+    assert logit_scale(logits[[0, 1, 4, 5]], labels[[0, 1, 4, 5]]) > 1.0  # always right: never shrunk
+
+
+def test_scaled_members_outvote_one_overconfident_member():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    truth = torch.nn.functional.one_hot(labels, 2).float() * 2 - 1  # +1 for the true class, -1 else
+
+    def member(cv: torch.Tensor, weight: float) -> ProbeFit:
+        return ProbeFit(C=1.0, weight=torch.tensor([[weight], [-weight]]), bias=torch.zeros(2), folds=2,
+                        cv_logits=torch.log_softmax(cv, 1), cv_balanced_accuracy=4 / 6, cv_accuracy=4 / 6, cv_scores={})
+
+    # three members right on 4 of 6 images each; "loud" is right on the same 4 as the
+    # others only in part and its logits are 20x larger
+    quiet = truth.clone(); quiet[[2, 5]] *= -1
+    loud = 20 * truth.clone(); loud[[0, 3]] *= -1
+    fits = {"loud": member(loud, 20.0), "q1": member(quiet, 1.0), "q2": member(quiet.clone(), 1.0)}
+    mean = mean_of_best(fits, labels, 3)
+    unscaled = torch.stack([f.cv_logits for f in fits.values()]).mean(0).argmax(1)
+    assert (unscaled == loud.argmax(1)).all()  # unscaled, the loud member decides alone
+    assert (mean.cv_logits.argmax(1) == quiet.argmax(1)).all()  # scaled, the two agreeing members carry it

@@ -429,8 +429,8 @@ def test_cross_validation_tells_after_each_fold_what_it_scored_and_stops_when_to
     assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["fold0", "fold1"]
 
 
-def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_logits():
-    from autotransfer.probe import cv_log_loss
+def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_scaled_logits():
+    from autotransfer.probe import cv_log_loss, logit_scale
     from autotransfer.train import ENSEMBLE_SIZE, levels_probe, probe_head
 
     plan = Plan("test_resnet", weights="random", image_size=32, all_levels=True, all_levels_mode="ensemble")
@@ -454,8 +454,11 @@ def test_an_ensemble_head_is_one_linear_layer_giving_the_mean_of_its_members_log
             logits[f"every level ({mode})"] = other.classifier[0](feats) @ fits[f"every level ({mode})"].weight.T + fits[f"every level ({mode})"].bias
     best = sorted(fits, key=lambda n: (-fits[n].cv_balanced_accuracy, cv_log_loss(fits[n].cv_logits, labels)))[:ENSEMBLE_SIZE]
     assert probe.members == best
+    scales = [logit_scale(fits[n].cv_logits, labels) for n in best]  # each to its lowest out-of-fold log-loss
+    assert probe.member_scales == pytest.approx(scales, abs=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(net.classifier(feats), torch.stack([logits[n] for n in best]).mean(0), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(net.classifier(feats), torch.stack([s * logits[n] for s, n in zip(scales, best)]).mean(0),
+                                   rtol=1e-4, atol=1e-3)
 
 
 def test_a_far_ensemble_head_averages_single_levels_and_reads_nothing_of_the_top():
