@@ -149,13 +149,12 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     upsampled = input_size(f.median_side, t)
     if base.image_size is None and upsampled is not None:
         base = replace(base, image_size=upsampled)
-        common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {t.small_image_size} px, not the backbone's size")
+        common.append(f"small images (median side {f.median_side:.0f} px < {t.small_image_side}) -> upsampled to {upsampled} px, not the backbone's size")
 
     far = f.distance is not None and f.distance >= t.far_distance
     # far, and a level below the top as good as the best depth on k-NN: the ensemble averages
     # single levels only (on base: the search builds every trial's Plan from it)
-    best_level_knn = max(f.level_knn.values(), default=None)
-    levels_compete = best_level_knn is not None and _near_best(best_level_knn, f, t)
+    levels_compete = bool(f.level_knn) and _near_best(f.best_level_knn, f, t)
     base = replace(base, ensemble_levels_only=far and levels_compete)
     where = (
         f"{'far from' if far else 'near'} ImageNet ({f.distance_method} {f.distance:.2f}, far from {t.far_distance:g})"
@@ -172,7 +171,7 @@ def rank_plans(profile: Profile, base: Plan, t: Thresholds = THRESHOLDS) -> list
     frozen_all = replace(base, strategy="frozen", cut=None, feature_level=None, all_levels=True, reasons=[*common, ALL_LEVELS_REASON])
     frozen_all_features = replace(frozen_all, all_levels_mode="feature", reasons=[*common, FEATURE_SCALING_REASON])
     ensemble_reason = (
-        f"{ENSEMBLE_FAR_REASON} (k-NN at a level below the top {best_level_knn:.3f}, within {t.frozen_knn_margin:g} "
+        f"{ENSEMBLE_FAR_REASON} (k-NN at a level below the top {f.best_level_knn:.3f}, within {t.frozen_knn_margin:g} "
         f"of the best depth's {f.best_knn:.3f})" if base.ensemble_levels_only else ENSEMBLE_REASON
     )
     frozen_ensemble = replace(frozen_all, all_levels_mode="ensemble", reasons=[*common, ensemble_reason])

@@ -111,8 +111,9 @@ def guarded_ensemble(results: dict, candidates: list, y: torch.Tensor, guard: li
     """The product's rule on `candidates`: the mean logits of the 3 best by CV unless the
     best single one (of `guard`, by default the candidates) leads that mean's CV by more
     than `standard_errors` paired SEs (search.ENSEMBLE_LEAD_STANDARD_ERRORS). `calibrate`:
-    each member's logits scaled to its best CV log-loss first, so that no member outweighs
-    the others by its scale alone."""
+    each member's logits scaled to its best CV log-loss first (probe.logit_scale), so that
+    no member outweighs the others by its scale alone: the product's rule since commit
+    d3a82de; without it, the rule before (the rows the committed results name so)."""
     top3 = sorted(candidates, key=lambda lv: (-results[lv]["cv_balanced"], results[lv]["cv_loss"]))[:3]
     scale = {lv: logit_scale(results[lv]["cv_logits"], y) if calibrate else 1.0 for lv in top3}
     mean_cv = torch.stack([results[lv]["cv_logits"] * scale[lv] for lv in top3]).mean(0).argmax(1).tolist()
