@@ -31,6 +31,7 @@ folder (models deleted unless kept).
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import math
@@ -49,7 +50,7 @@ from typing import Callable, Collection
 
 from autotransfer import __version__
 from autotransfer.data import DatasetScan, ImageRecord, scan_folder, stratified_split
-from autotransfer.errors import DataError
+from autotransfer.errors import DataError, UsageError
 from autotransfer.features import use_cache
 from autotransfer.plan import Plan, describe
 from autotransfer.recipes import AUTO, FIXED, GRID, PEER, REFERENCE, Recipe, auto_recipe, fixed_recipes, grid_recipes
@@ -334,47 +335,64 @@ def run_recipe(recipe: Recipe, scan: DatasetScan, out: Path) -> dict:
             "heldout_predicted": heldout_predictions(out, result.metrics, scan.splits[split], scan.classes)}
 
 
+RANKED_FILE = "bench_ranked.json"  # in autotransfer's RUN: what the profile and rules gave, for --resume
+
+
 def run_autotransfer(
     scan: DatasetScan, base: Plan, out: Path, trials: int | None = None, max_images: int = 400,
-    log: Callable[[str], None] = print, optional_backbones: list[str] | None = None,
+    log: Callable[[str], None] = print, optional_backbones: list[str] | None = None, resume: bool = False,
 ) -> dict:
     """What `autotransfer fit DATA` does (profile -> rules -> search -> adopt), timed.
 
     No time budget: with `trials` None the search runs `fit`'s default, a count of trials,
     so a rerun on a busier machine decides the same. The grid trains one backbone, so by
     default the search does too; `optional_backbones` adds candidates as `fit` does
-    (`selector.default_backbones`).
+    (`selector.default_backbones`). With `resume`, a search that an interruption left in
+    `out` goes on from its study as `fit --resume` does; its seconds are then those of the
+    profile, of the trials finished before and of this run.
     """
-    from autotransfer.search import default_storage
-    from autotransfer.profile import save_profiles
-    from autotransfer.selector import profile_and_rank, search_config, select_and_fit
+    from autotransfer.profile import load_profile, save_profiles
+    from autotransfer.search import SEARCH_FILE, SearchConfig, default_storage, finished_trial_seconds
+    from autotransfer.selector import continue_search, profile_and_rank, search_config, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    profiles, plans = profile_and_rank(
-        scan, base, max_images, progress=False, optional_backbones=optional_backbones, log=log,
-    )
-    save_profiles(profiles, out)
-    profile_seconds = time.perf_counter() - start
-    config = search_config(scan.root, default_storage(out), profiles, plans, trials, None)
-    plan = select_and_fit(config, out, plans, scan=scan, log=lambda line: log(f"    {line}"))
+    resumed = resume and (out / RANKED_FILE).is_file() and (out / SEARCH_FILE).is_file()
+    if resumed:
+        begun = json.loads((out / RANKED_FILE).read_text())
+        config = SearchConfig.load(out)
+        start -= begun["profile_seconds"] + finished_trial_seconds(config)
+        log(f"    the search in {out} goes on")
+        plan = continue_search(out, log=lambda line: log(f"    {line}"), scan=scan)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        profiles, plans = profile_and_rank(
+            scan, base, max_images, progress=False, optional_backbones=optional_backbones, log=log,
+        )
+        save_profiles(profiles, out)
+        begun = {"profile_seconds": round(time.perf_counter() - start, 2), "ranked_plans": [describe(p) for p in plans]}
+        (out / RANKED_FILE).write_text(json.dumps(begun) + "\n")
+        config = search_config(scan.root, default_storage(out), profiles, plans, trials, None)
+        plan = select_and_fit(config, out, plans, scan=scan, log=lambda line: log(f"    {line}"))
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
-    leaderboard = (out / "leaderboard.csv").read_text().splitlines()
+    with (out / "leaderboard.csv").open(newline="") as handle:  # an interrupted trial is listed as FAIL
+        finished = sum(row["state"] in ("COMPLETE", "PRUNED") for row in csv.DictReader(handle))
     split = heldout_split(scan)
     return {
         **_scores(metrics, split),
         "seconds": round(seconds, 2),
-        "profile_seconds": round(profile_seconds, 2),
+        "profile_seconds": begun["profile_seconds"],
         "budget_seconds": None,  # no clock (schema 1 had one)
-        "trials_run": max(0, len(leaderboard) - 1),
+        "trials_run": finished,
         "choice": describe(plan),
         "chosen_plan": _plan_fields(plan),
-        "ranked_plans": [describe(p) for p in plans],
+        "ranked_plans": begun["ranked_plans"],
         "reasons": plan.reasons,
-        "distance": profiles[0].summary.distance,
+        "distance": load_profile(out, None).summary.distance,
         "backbones_profiled": config.backbones,
+        **({"resumed": True} if resumed else {}),
         "heldout_predicted": heldout_predictions(out, metrics, scan.splits[split], scan.classes)
         if split in metrics else None,
     }
@@ -482,11 +500,63 @@ def cell_runs(out: Path, dataset: str, per_class: int | None) -> Path:
     return out / "runs" / dataset / ("all" if per_class is None else f"{per_class}")
 
 
+def cell_fingerprint(sub: DatasetScan, settings: BenchSettings, per_class: int | None) -> dict:
+    """What a cell's rows depend on: its settings (keeping models aside) and its images."""
+    from autotransfer.selector import data_hash
+
+    fields = {k: v for k, v in asdict(settings).items() if k != "keep_models"}
+    return {"settings": fields, "per_class": per_class, "data": data_hash(sub)}
+
+
+class FinishedRows:
+    """A cell's finished rows, one JSON file each under CELL/rows/, written the moment a row
+    ends: an interrupted cell of hours (a full-size cell on CPU) loses at most the row that
+    was running, and `bench --resume` runs only the rest. Rows that failed are not kept."""
+
+    def __init__(self, cell_dir: Path, fingerprint: dict, resume: bool, log: Callable[[str], None]) -> None:
+        self.folder, self.log = cell_dir / "rows", log
+        marker = self.folder / "cell.json"
+        if resume and marker.is_file():
+            held = json.loads(marker.read_text())
+            if held != fingerprint:
+                changed = sorted(k for k in {**held["settings"], **fingerprint["settings"]}
+                                 if held["settings"].get(k) != fingerprint["settings"].get(k))
+                what = f"settings ({', '.join(changed)})" if changed else "images"
+                raise UsageError(f"{cell_dir} holds rows of a bench with other {what}; resume with the same "
+                                 "command, or drop --resume to run the cell again")
+        elif not resume:
+            earlier = [p for p in self.folder.glob("*.json") if p.name != marker.name]
+            if earlier:
+                log(f"  {len(earlier)} finished row file(s) of an earlier run in {self.folder} are replaced "
+                    "(--resume would have kept them)")
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(fingerprint) + "\n")
+
+    def get(self, key: str) -> list[dict]:
+        """The rows kept under `key` by an earlier run of this cell (marked `resumed`), or []."""
+        path = self.folder / f"{key}.json"
+        if not path.is_file():
+            return []
+        rows = [{**row, "resumed": True} for row in json.loads(path.read_text())]
+        self.log(f"  {key:<18} kept from the interrupted run ({len(rows)} row{'s' if len(rows) != 1 else ''})")
+        return rows
+
+    def put(self, key: str, rows: list[dict]) -> list[dict]:
+        """Keep `rows` (unless one failed) and give them back."""
+        if not any(row.get("error") and not row.get("not_installed") for row in rows):
+            partial = self.folder / f"{key}.json.partial"
+            partial.write_text(json.dumps(rows) + "\n")
+            partial.replace(self.folder / f"{key}.json")  # whole or absent, even after kill -9
+        return rows
+
+
 def bench_cell(
     scan: DatasetScan, per_class: int | None, settings: BenchSettings, out: Path,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, resume: bool = False,
 ) -> dict:
-    """One dataset at one training-set size: every row, then regrets and their paired SEs."""
+    """One dataset at one training-set size: every row, then regrets and their paired SEs.
+    Each finished row is kept on disk at once; `resume` runs only the rows that are not."""
     size_label = "all" if per_class is None else f"{per_class}/class"
     sub, base = cell_data(scan, per_class, settings)
     name = Path(scan.root).name
@@ -496,20 +566,25 @@ def bench_cell(
     log(f"[{name} {size_label}] train {counts['train']}, val {counts['val']}"
         + (" (drawn from train)" if sub.val_drawn else "") + f", held-out {counts.get(split, 0)} ({source})")
     cell_dir = cell_runs(out, name, per_class)
-    rows = reference_rows(sub, base, settings, log)
+    finished = FinishedRows(cell_dir, cell_fingerprint(sub, settings, per_class), resume, log)
+    rows = finished.get("probes") or finished.put("probes", reference_rows(sub, base, settings, log))
     if settings.peers:
-        rows += peer_rows(sub, base, cell_dir, log)
+        rows += finished.get("fastai") or finished.put("fastai", peer_rows(sub, base, cell_dir, log))
     for recipe, kinds in cell_recipes(base, settings):
+        kept = finished.get(recipe.name)
+        if kept:
+            rows += kept
+            continue
         row = {
             "recipe": recipe.name, "kinds": kinds, "family": recipe.family, "depth": recipe.depth,
             "title": recipe.title, "plan": _plan_fields(recipe.plan),
         }
         run_dir = cell_dir / recipe.name
-        shutil.rmtree(run_dir, ignore_errors=True)
         try:
             if recipe.kind == AUTO:
-                row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log))
+                row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log, resume=resume))
             else:
+                shutil.rmtree(run_dir, ignore_errors=True)
                 row.update(run_recipe(recipe, sub, run_dir))
         except Exception as exc:  # one failed recipe must not lose a half-hour benchmark
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -521,7 +596,7 @@ def bench_cell(
                 f"{row['seconds']:.0f}s{extra}")
         if not settings.keep_models:
             _drop_models(run_dir)
-        rows.append(row)
+        rows += finished.put(recipe.name, [row])
     cell = {
         "dataset": name, "path": scan.root, "per_class": per_class, "size": size_label,
         "images": counts, "classes": len(scan.classes), "heldout": split, "heldout_source": source,
@@ -653,9 +728,10 @@ def environment() -> dict:
 
 def run_bench(
     paths: list[Path], sizes: list[int | None], settings: BenchSettings, out: Path,
-    command: str = "", log: Callable[[str], None] = print,
+    command: str = "", log: Callable[[str], None] = print, resume: bool = False,
 ) -> dict:
-    """Every dataset x size; the report is rewritten after each cell (a kill loses little)."""
+    """Every dataset x size; the report is rewritten after each cell and each row is kept
+    as it ends (a kill loses little; `resume` runs only what is missing)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -676,7 +752,7 @@ def run_bench(
                     seconds = warm_calibration(Plan(settings.backbone, weights=settings.weights, image_size=size, seed=settings.seed))
                     report.setdefault("calibration_seconds", {})[str(size)] = round(seconds, 2)
                     warmed.add(size)
-                report["cells"].append(bench_cell(scan, per_class, settings, out, log))
+                report["cells"].append(bench_cell(scan, per_class, settings, out, log, resume))
                 report["seconds"] = round(time.perf_counter() - start, 1)
                 report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
                 write_reports(report, out)
@@ -1155,6 +1231,8 @@ def _preamble(report: dict) -> list[str]:
         f"Started {report['started']}, took {report.get('seconds', 0) / 60:.1f} min"
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
+        *([f"{resumed} row(s) were kept from an interrupted run of the same command (`--resume`); their seconds "
+           "are that run's"] if (resumed := sum(bool(r.get("resumed")) for c in report["cells"] for r in c["rows"])) else []),
         *(f"Rerun of the {', '.join(r['rows'])} row(s) only"
           + (f" in the cells of {', '.join(r['datasets'])}" if r.get("datasets") else "")
           + f", every other row kept as it was: {r['note']}, "

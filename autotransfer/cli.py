@@ -484,9 +484,10 @@ def profile(data: Path, out: Path, no_progress: bool, as_json: bool, **options) 
 @click.option("--uncapped", is_flag=True, help="With --quick: keep every image of train, val and test (quick epochs and resolution, full size).")
 @click.option("--coarse-grid", is_flag=True, help="Fine-tuning grid = the middle cut and full (as --quick does) instead of every cut: a full-size bench within a GPU-hour.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), help="Where bench.md, bench.json, bench.html and the runs go.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted bench in --out (same command): rows it finished are kept, autotransfer's search goes on from its study, the rest runs. A cell run with other settings or images is refused.")
 @click.option("--no-progress", is_flag=True, help="Accepted for symmetry with fit; bench prints one line per recipe.")
 def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed: int, keep_models: bool,
-          uncapped: bool, coarse_grid: bool, out: Path, no_progress: bool, **options) -> None:
+          uncapped: bool, coarse_grid: bool, out: Path, resume: bool, no_progress: bool, **options) -> None:
     """Compare autotransfer's choice with fixed recipes and a per-depth grid on DATA...
 
     For every dataset and every --per-class size: a scikit-learn linear probe at every
@@ -504,7 +505,8 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     OUT/bench.md    the tables
     OUT/bench.json  everything, with the command, settings, versions and machine
     OUT/bench.html  tables and plots (layer-transfer curves, recipes), self-contained
-    OUT/runs/       each recipe's RUN folder (models deleted unless --keep-models)
+    OUT/runs/       each recipe's RUN folder (models deleted unless --keep-models),
+                    and each cell's finished rows (rows/), kept as they end for --resume
     """
     from autotransfer.bench import BenchSettings, parse_sizes, run_bench, verdict_lines
 
@@ -515,7 +517,9 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     if uncapped:
         settings = replace(settings, train_cap=None, val_cap=None, test_cap=None)
     command = _command_line(click.get_current_context(), ["autotransfer", "bench", *map(str, data)])
-    report = run_bench(list(data), sizes, settings, out, command=command, log=click.echo)
+    resumable = f"rows it finished are kept in {out}/runs/; continue with the same command and --resume"
+    with interruptible(lambda: resumable):
+        report = run_bench(list(data), sizes, settings, out, command=command, log=click.echo, resume=resume)
     for line in verdict_lines(report):
         click.echo(line)
     click.echo(f"report: {out}/bench.md, {out}/bench.html, {out}/bench.json")

@@ -248,6 +248,14 @@ def study_trials(config: SearchConfig) -> int | None:
         return None
 
 
+def finished_trial_seconds(config: SearchConfig) -> float:
+    """Seconds the study's finished (complete or pruned) trials ran: what a resumed search
+    had already spent on them."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    trials = open_study(config).get_trials(deepcopy=False, states=states)
+    return sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+
+
 def delete_study(config: SearchConfig) -> None:
     """Remove `config`'s study from its storage (`fit --overwrite` with a server storage)."""
     optuna.delete_study(study_name=config.study_name, storage=_rdb_storage(config))

@@ -214,13 +214,15 @@ def warm_frozen_features(scan: DatasetScan, plans: list[Plan]) -> None:
 
 def continue_search(
     run_dir: Path, adopt: bool = True, log: Callable[[str], None] = print, data: str | Path | None = None,
+    scan: DatasetScan | None = None,
 ) -> Plan | None:
     """Run more trials of RUN's study with the settings it was started with.
 
     `fit --resume RUN` adopts the best trial afterwards (after other workers' trials end);
     `worker RUN` (possibly on another machine, sharing the study through a server storage)
     only adds trials. `data` (default: the path the search recorded) must hold the data
-    the search ran on. Trials that a kill or Ctrl-C interrupted run again, with their Plan.
+    the search ran on (or `scan`, for a search on a scan of part of a folder, as the bench's).
+    Trials that a kill or Ctrl-C interrupted run again, with their Plan.
     """
     config = SearchConfig.load(run_dir)
     if study_trials(config) is None:  # a missing study is not created: that lost the old one's place
@@ -228,7 +230,7 @@ def continue_search(
             f"the study of {run_dir} is not in its storage {shown_storage(config.storage)}; restore it, or "
             f"start again with `autotransfer fit DATA --out {run_dir} --overwrite`"
         )
-    scan = scan_folder(data or config.data, config.base.val_fraction, config.base.seed)
+    scan = scan or scan_folder(data or config.data, config.base.val_fraction, config.base.seed)
     _same_data(config, scan, run_dir)
     study = open_study(config)
     if adopt and config.trials is not None:

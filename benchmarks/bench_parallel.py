@@ -3,7 +3,8 @@ within a deadline: how the 3-seed, full-size bench fits in a GPU machine's few m
 
 One process per cell keeps each cell's bench.json whole when others are killed at the
 deadline; cells start seed by seed (every cell of seed 0 first), the largest first, so a
-cut-short run still holds whole seeds. Merge and average the cells afterwards with
+cut-short run still holds whole seeds. Run again with the same OUT, it skips finished cells
+and continues killed ones from their last finished row (`autotransfer bench --resume`). Merge and average the cells afterwards with
 `benchmarks/bench_seeds.py OUT/cells/*/bench.json --out ...`.
 
     python benchmarks/bench_parallel.py DATA... --per-class 10 --per-class 50 --per-class all \
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -77,11 +77,10 @@ def run_cells(cells: list[Cell], bench_args: list[str], jobs: int, deadline: flo
         while queue and len(running) < jobs:
             cell = queue.pop(0)
             folder = out / "cells" / cell.name
-            shutil.rmtree(folder, ignore_errors=True)  # a cell killed by an earlier deadline starts afresh
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)  # a cell killed by an earlier deadline goes on (--resume)
             command = [sys.executable, "-m", "autotransfer", "bench", str(cell.data.resolve()), "--per-class", cell.per_class,
-                       "--seed", str(cell.seed), "--out", str(folder.resolve()), *bench_args]
-            log = (folder / "log.txt").open("w")
+                       "--seed", str(cell.seed), "--out", str(folder.resolve()), "--resume", *bench_args]
+            log = (folder / "log.txt").open("a")
             # cwd=out: a source tree in the current folder must not shadow the installed autotransfer
             running[cell.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=out), cell, time.monotonic())
             status[cell.name] = "running"

@@ -344,6 +344,59 @@ def test_autotransfer_row_can_choose_among_backbones_as_fit_does(
         "test_efficientnet.json", "test_resnet.json"]
 
 
+def test_an_interrupted_bench_resumes_from_its_last_finished_row(
+    split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in autotransfer's second trial: every row before it is kept on disk, and the
+    first trial in the search's study; --resume runs none of them again and ends the cell."""
+    import autotransfer.selector as selector
+
+    monkeypatch.setenv("AUTOTRANSFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD", "1")
+    real, trials_run, stop_at = selector.trial_runner, [], [2]
+
+    def counted(scan, log, budget=None):  # the real runner; Ctrl-C as trial `stop_at` starts
+        run = real(scan, log, budget)
+
+        def runner(plan, trial_dir, *args, **kwargs):
+            trials_run.append(int(trial_dir.name))
+            if len(trials_run) in stop_at:
+                raise KeyboardInterrupt
+            return run(plan, trial_dir, *args, **kwargs)
+        return runner
+
+    monkeypatch.setattr(selector, "trial_runner", counted)
+    out = tmp_path / "bench"
+    args = ["bench", str(split_folder), "--quick", "--per-class", "4", "--backbone", "test_efficientnet",
+            "--trials", "2", *FAST_CLI, "--out", str(out)]
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 130 and "continue with the same command and --resume" in stopped.output, stopped.output
+    assert not (out / "bench.json").exists()  # the cell never ended
+    rows = out / "runs" / split_folder.name / "4" / "rows"
+    kept = {p.stem: p.read_text() for p in rows.glob("*.json") if p.stem != "cell"}
+    assert {"probes", "fastai", "frozen-top", "full"} <= set(kept) and "autotransfer" not in kept
+
+    refused = CliRunner().invoke(main, [*args, "--seed", "1", "--resume"])
+    assert refused.exit_code == 2 and "holds rows of a bench with other settings (seed)" in refused.output
+
+    trials_run.clear()
+    stop_at.clear()
+    resumed = CliRunner().invoke(main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(trials_run) == 1  # only the interrupted trial ran again
+    (cell,) = json.loads((out / "bench.json").read_text())["cells"]
+    auto = cell["rows"][-1]
+    assert auto["recipe"] == "autotransfer" and auto["trials_run"] == 2 and auto["resumed"]
+    assert all(row["resumed"] for row in cell["rows"]) and all("error" not in r for r in cell["rows"] if not r.get("not_installed"))
+    assert all(p.read_text() == kept[p.stem] for p in rows.glob("*.json") if p.stem in kept)  # not run again
+    assert f"{len(cell['rows'])} row(s) were kept from an interrupted run" in (out / "bench.md").read_text()
+
+    again = CliRunner().invoke(main, args)  # without --resume: every row runs afresh
+    assert again.exit_code == 0, again.output
+    (cell,) = json.loads((out / "bench.json").read_text())["cells"]
+    assert not any(row.get("resumed") for row in cell["rows"]) and len(trials_run) == 3
+
+
 def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(split_folder: Path, tmp_path: Path) -> None:
     script = Path(__file__).parents[1] / "benchmarks" / "bench_parallel.py"
     env = {**os.environ, "AUTOTRANSFER_CACHE": str(tmp_path / "cache"), "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD": "1"}
