@@ -505,7 +505,7 @@ def cell_fingerprint(sub: DatasetScan, settings: BenchSettings, per_class: int |
     from autotransfer.selector import data_hash
 
     fields = {k: v for k, v in asdict(settings).items() if k != "keep_models"}
-    return {"settings": fields, "per_class": per_class, "data": data_hash(sub)}
+    return json.loads(json.dumps({"settings": fields, "per_class": per_class, "data": data_hash(sub)}))  # as stored
 
 
 class FinishedRows:

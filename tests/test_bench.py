@@ -21,7 +21,7 @@ from autotransfer.bench import (
 )
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
-from autotransfer.errors import DataError, PlanError
+from autotransfer.errors import DataError, PlanError, UsageError
 from autotransfer.plan import Plan
 from autotransfer.recipes import fixed_recipes, grid_recipes
 from autotransfer.train import fit
@@ -395,6 +395,24 @@ def test_an_interrupted_bench_resumes_from_its_last_finished_row(
     assert again.exit_code == 0, again.output
     (cell,) = json.loads((out / "bench.json").read_text())["cells"]
     assert not any(row.get("resumed") for row in cell["rows"]) and len(trials_run) == 3
+
+
+def test_a_cells_rows_are_tied_to_its_settings_and_images(split_folder: Path, tmp_path: Path) -> None:
+    from autotransfer.bench import FinishedRows, cell_fingerprint
+
+    settings = BenchSettings.quick_mode(levels=(1, None))  # a tuple reads back from JSON as a list
+    (scan,) = scan_datasets([split_folder], settings)
+    four, three = subsample(scan, 4, 0, "train"), subsample(scan, 3, 0, "train")
+    rows = FinishedRows(tmp_path, cell_fingerprint(four, settings, 4), resume=False, log=print)
+    rows.put("frozen-top", [{"recipe": "frozen-top", "heldout_accuracy": 0.5}])
+    rows.put("full", [{"recipe": "full", "error": "RuntimeError: boom"}])  # a failed row runs again
+    again = FinishedRows(tmp_path, cell_fingerprint(four, settings, 4), resume=True, log=print)
+    assert again.get("frozen-top") == [{"recipe": "frozen-top", "heldout_accuracy": 0.5, "resumed": True}]
+    assert again.get("full") == []
+    with pytest.raises(UsageError, match="holds rows of a bench with other images"):
+        FinishedRows(tmp_path, cell_fingerprint(three, settings, 4), resume=True, log=print)
+    FinishedRows(tmp_path, cell_fingerprint(three, settings, 4), resume=False, log=print)  # starts afresh
+    assert FinishedRows(tmp_path, cell_fingerprint(three, settings, 4), resume=True, log=print).get("frozen-top") == []
 
 
 def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(split_folder: Path, tmp_path: Path) -> None:
