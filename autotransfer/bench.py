@@ -352,12 +352,14 @@ def run_autotransfer(
     profile, of the trials finished before and of this run.
     """
     from autotransfer.profile import load_profile, save_profiles
-    from autotransfer.search import SEARCH_FILE, SearchConfig, default_storage, finished_trial_seconds
+    from autotransfer.search import SEARCH_FILE, SearchConfig, default_storage, finished_trial_seconds, study_trials
     from autotransfer.selector import continue_search, profile_and_rank, search_config, select_and_fit
 
     empty_feature_cache()
     start = time.perf_counter()
-    resumed = resume and (out / RANKED_FILE).is_file() and (out / SEARCH_FILE).is_file()
+    # a kill before the study was created (e.g. in the shared feature pass) leaves nothing to go on from
+    resumed = (resume and (out / RANKED_FILE).is_file() and (out / SEARCH_FILE).is_file()
+               and study_trials(SearchConfig.load(out)) is not None)
     if resumed:
         begun = json.loads((out / RANKED_FILE).read_text())
         config = SearchConfig.load(out)

@@ -397,6 +397,19 @@ def test_an_interrupted_bench_resumes_from_its_last_finished_row(
     assert not any(row.get("resumed") for row in cell["rows"]) and len(trials_run) == 3
 
 
+def test_a_search_killed_before_its_study_existed_starts_afresh_on_resume(image_folder: Path, tmp_path: Path) -> None:
+    """search.json is written before the shared feature pass, the study after it: a kill in
+    between leaves a RUN with nothing to go on from, which must not fail every resume."""
+    from autotransfer.bench import run_autotransfer
+
+    base = Plan(**{**FAST, "backbone": "test_efficientnet"})
+    run = tmp_path / "run"
+    first = run_autotransfer(scan_folder(image_folder), base, run, trials=2, max_images=24, log=lambda _: None)
+    (run / "study.db").unlink()
+    again = run_autotransfer(scan_folder(image_folder), base, run, trials=2, max_images=24, log=lambda _: None, resume=True)
+    assert "resumed" not in again and again["trials_run"] == first["trials_run"] == 2
+
+
 def test_a_cells_rows_are_tied_to_its_settings_and_images(split_folder: Path, tmp_path: Path) -> None:
     from autotransfer.bench import FinishedRows, cell_fingerprint
 
