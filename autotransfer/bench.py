@@ -545,8 +545,8 @@ class FinishedRows:
         return rows
 
     def put(self, key: str, rows: list[dict]) -> list[dict]:
-        """Keep `rows` (unless one failed) and give them back."""
-        if not any(row.get("error") and not row.get("not_installed") for row in rows):
+        """Keep `rows` (unless one failed, or is a peer not installed yet) and give them back."""
+        if not any(row.get("error") for row in rows):
             partial = self.folder / f"{key}.json.partial"
             partial.write_text(json.dumps(rows) + "\n")
             partial.replace(self.folder / f"{key}.json")  # whole or absent, even after kill -9
