@@ -357,12 +357,11 @@ def run_autotransfer(
 
     empty_feature_cache()
     start = time.perf_counter()
+    config = SearchConfig.load(out) if resume and (out / RANKED_FILE).is_file() and (out / SEARCH_FILE).is_file() else None
     # a kill before the study was created (e.g. in the shared feature pass) leaves nothing to go on from
-    resumed = (resume and (out / RANKED_FILE).is_file() and (out / SEARCH_FILE).is_file()
-               and study_trials(SearchConfig.load(out)) is not None)
+    resumed = config is not None and study_trials(config) is not None
     if resumed:
         begun = json.loads((out / RANKED_FILE).read_text())
-        config = SearchConfig.load(out)
         start -= begun["profile_seconds"] + finished_trial_seconds(config)
         log(f"    the search in {out} goes on")
         plan = continue_search(out, log=lambda line: log(f"    {line}"), scan=scan)
@@ -1223,6 +1222,7 @@ def _best_recipe_cells(best: dict | None) -> list[str]:
 def _preamble(report: dict) -> list[str]:
     m = report["machine"]
     v = report["versions"]
+    resumed = sum(bool(r.get("resumed")) for c in report["cells"] for r in c["rows"])
     return [
         f"Command: `{report['command']}`" if len(report.get("commands", [])) < 2 else
         "Commands (merged, one cell or more each): " + "; ".join(f"`{c}`" for c in report["commands"]),
@@ -1234,7 +1234,7 @@ def _preamble(report: dict) -> list[str]:
         + (f" (plus one-time calibration of the profile: {sum(report['calibration_seconds'].values()):.0f} s)"
            if report.get("calibration_seconds") else "") + ".",
         *([f"{resumed} row(s) were kept from an interrupted run of the same command (`--resume`); their seconds "
-           "are that run's"] if (resumed := sum(bool(r.get("resumed")) for c in report["cells"] for r in c["rows"])) else []),
+           "are that run's"] if resumed else []),
         *(f"Rerun of the {', '.join(r['rows'])} row(s) only"
           + (f" in the cells of {', '.join(r['datasets'])}" if r.get("datasets") else "")
           + f", every other row kept as it was: {r['note']}, "

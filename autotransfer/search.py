@@ -250,9 +250,11 @@ def study_trials(config: SearchConfig) -> int | None:
 
 def finished_trial_seconds(config: SearchConfig) -> float:
     """Seconds the study's finished (complete or pruned) trials ran: what a resumed search
-    had already spent on them."""
+    had already spent on them. Read only, like `study_trials` (opening the study would
+    requeue interrupted trials: the resume's work)."""
+    storage = _rdb_storage(config)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    trials = open_study(config).get_trials(deepcopy=False, states=states)
+    trials = storage.get_all_trials(storage.get_study_id_from_name(config.study_name), deepcopy=False, states=states)
     return sum(t.duration.total_seconds() for t in trials if t.duration is not None)
 
 

@@ -4,7 +4,8 @@ within a deadline: how the 3-seed, full-size bench fits in a GPU machine's few m
 One process per cell keeps each cell's bench.json whole when others are killed at the
 deadline; cells start seed by seed (every cell of seed 0 first), the largest first, so a
 cut-short run still holds whole seeds. Run again with the same OUT, it skips finished cells
-and continues killed ones from their last finished row (`autotransfer bench --resume`). Merge and average the cells afterwards with
+and continues killed ones from their last finished row (`autotransfer bench --resume`).
+Merge and average the cells afterwards with
 `benchmarks/bench_seeds.py OUT/cells/*/bench.json --out ...`.
 
     python benchmarks/bench_parallel.py DATA... --per-class 10 --per-class 50 --per-class all \
