@@ -2,9 +2,10 @@
 within a deadline: how the 3-seed, full-size bench fits in a GPU machine's few minutes.
 
 One process per cell keeps each cell's bench.json whole when others are killed at the
-deadline; cells start seed by seed (every cell of seed 0 first), the largest first, so a
-cut-short run still holds whole seeds. Run again with the same OUT, it skips finished cells
-and continues killed ones from their last finished row (`autotransfer bench --resume`).
+deadline; cells start seed by seed (every cell of seed 0 first), the largest first (with
+--jobs 1 the smallest), so a cut-short run still holds whole seeds. Run again with the same
+OUT, it skips finished cells and continues killed ones from their last finished row
+(`autotransfer bench --resume`).
 Merge and average the cells afterwards with
 `benchmarks/bench_seeds.py OUT/cells/*/bench.json --out ...`.
 
@@ -44,8 +45,10 @@ def count_train_images(data: Path) -> tuple[int, int]:
     return sum(1 for c in classes for f in c.iterdir() if f.is_file()), max(1, len(classes))
 
 
-def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int]) -> list[Cell]:
-    """Every cell, seed by seed, the most images first within a seed."""
+def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int], largest_first: bool = True) -> list[Cell]:
+    """Every cell, seed by seed; within a seed the most images first (several jobs: the
+    longest cell starts first and ends with the others), or the fewest (one job, a run
+    over several sittings: the most whole cells soonest, not hours of one large cell)."""
     cells = []
     for seed in seeds:
         batch = []
@@ -53,7 +56,7 @@ def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int]) -> list
             total, classes = count_train_images(data)
             for size in sizes:
                 batch.append(Cell(data, size, seed, total if size == "all" else min(total, int(size) * classes)))
-        cells += sorted(batch, key=lambda c: -c.images)
+        cells += sorted(batch, key=lambda c: -c.images if largest_first else c.images)
     return cells
 
 
@@ -107,7 +110,7 @@ def main() -> int:
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         parser.error(f"not a folder: {', '.join(missing)}")
-    cells = plan_cells(args.data, args.per_class or ["10", "50", "all"], args.seeds)
+    cells = plan_cells(args.data, args.per_class or ["10", "50", "all"], args.seeds, largest_first=args.jobs > 1)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run_cells(cells, bench_args, args.jobs, args.deadline, args.out)
     done = sum(c["status"] == "done" for c in result["cells"])

@@ -454,6 +454,35 @@ def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(sp
     assert {c["status"] for c in json.loads((tmp_path / "late" / "status.json").read_text())["cells"]} == {"killed at the deadline"}
 
 
+def test_parallel_cells_go_seed_by_seed_largest_first_or_with_one_job_smallest_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several jobs: the longest cell starts first; one job over several sittings: whole
+    small cells first, not hours of cifar10 before flowers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_parallel", Path(__file__).parents[1] / "benchmarks" / "bench_parallel.py")
+    bench_parallel = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_parallel", bench_parallel)  # its dataclass looks itself up there
+    spec.loader.exec_module(bench_parallel)
+    sets = []
+    for name, images in (("small", 3), ("large", 9)):
+        for label in ("a", "b"):
+            (tmp_path / name / label).mkdir(parents=True)
+            for i in range(images):
+                (tmp_path / name / label / f"{i}.png").write_bytes(b"")
+        sets.append(tmp_path / name)
+
+    def order(cells: list) -> list[tuple[int, str, str]]:
+        return [(c.seed, c.data.name, c.per_class) for c in cells]
+
+    assert order(bench_parallel.plan_cells(sets, ["2", "all"], [0, 1])) == [
+        (0, "large", "all"), (0, "small", "all"), (0, "small", "2"), (0, "large", "2"),  # 18, 6, 4, 4 images
+        (1, "large", "all"), (1, "small", "all"), (1, "small", "2"), (1, "large", "2")]
+    assert order(bench_parallel.plan_cells(sets, ["2", "all"], [0, 1], largest_first=False))[:4] == [
+        (0, "small", "2"), (0, "large", "2"), (0, "small", "all"), (0, "large", "all")]
+
+
 @pytest.mark.slow
 def test_the_scale_and_gpu_benchmark_scripts_run_at_tiny_sizes(tmp_path: Path) -> None:
     """bench_scale.py and bench_gpu.py run rarely (100,000 images; a GPU): this keeps them
