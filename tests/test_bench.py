@@ -459,12 +459,10 @@ def test_parallel_cells_go_seed_by_seed_largest_first_or_with_one_job_smallest_f
 ) -> None:
     """Several jobs: the longest cell starts first; one job over several sittings: whole
     small cells first, not hours of cifar10 before flowers."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("bench_parallel", Path(__file__).parents[1] / "benchmarks" / "bench_parallel.py")
-    bench_parallel = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_parallel", bench_parallel)  # its dataclass looks itself up there
-    spec.loader.exec_module(bench_parallel)
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench_parallel = importlib.import_module("bench_parallel")
     sets = []
     for name, images in (("small", 3), ("large", 9)):
         for label in ("a", "b"):
