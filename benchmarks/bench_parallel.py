@@ -56,7 +56,7 @@ def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int], largest
             total, classes = count_train_images(data)
             for size in sizes:
                 batch.append(Cell(data, size, seed, total if size == "all" else min(total, int(size) * classes)))
-        cells += sorted(batch, key=lambda c: -c.images if largest_first else c.images)
+        cells += sorted(batch, key=lambda c: c.images, reverse=largest_first)  # stable: ties keep the command's order
     return cells
 
 
