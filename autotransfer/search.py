@@ -37,7 +37,6 @@ from autotransfer.strategies import all_levels_supported, depth_of
 
 STUDY_NAME = "autotransfer"
 SEARCH_FILE = "search.json"
-MAX_LEVELS_BELOW_TOP = 2
 MAX_TRAINED_GROUPS = 6
 # A sampled trial displaces the best of the rules' Plans only when it leads by more than
 # this many standard errors of the gap between the two (paired, over the val images:
@@ -440,13 +439,22 @@ def params_from_plan(plan: Plan, backbones: list[str]) -> dict:
     return params
 
 
-def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
-    """The search space. Conditional parameters only exist where they mean something."""
+def suggest_params(trial: optuna.Trial, backbones: list[str], base: Plan) -> dict:
+    """The search space. Conditional parameters only exist where they mean something.
+
+    Each range reaches from its default bounds out to the search's base Plan (the user's
+    `--epochs 20` or `--lr 0.05`) and down to every feature level, so that every rule Plan
+    enqueued lies inside it: a fixed value outside makes Optuna warn in every `fit`, and
+    its TPE then models a trial it could not have drawn."""
+    def span(low: float, high: float, value: float) -> tuple:
+        return (min(low, value), max(high, value)) if value > 0 else (low, high)  # log scales stop above 0
+
     params: dict = {}
     if len(backbones) > 1:
         params["backbone"] = trial.suggest_categorical("backbone", backbones)
     params["strategy"] = trial.suggest_categorical("strategy", ["frozen", "partial", "full"])
-    params["levels_below_top"] = trial.suggest_int("levels_below_top", 0, MAX_LEVELS_BELOW_TOP)
+    _, levels = depth_of(params.get("backbone", backbones[0]), None)
+    params["levels_below_top"] = trial.suggest_int("levels_below_top", 0, levels)
     params["class_weighting"] = trial.suggest_categorical("class_weighting", [False, True])
     if params["strategy"] == "frozen" and all_levels_supported(params.get("backbone", backbones[0])):
         params["all_levels"] = trial.suggest_categorical("all_levels", [False, True])
@@ -455,10 +463,11 @@ def suggest_params(trial: optuna.Trial, backbones: list[str]) -> dict:
     if params["strategy"] == "partial":
         params["trained_groups"] = trial.suggest_int("trained_groups", 1, MAX_TRAINED_GROUPS)
     if params["strategy"] != "frozen":  # a frozen probe tunes its own penalty by CV
-        params["lr"] = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-        params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
-        params["backbone_lr_ratio"] = trial.suggest_float("backbone_lr_ratio", 0.01, 0.5, log=True)
-        params["epochs"] = trial.suggest_int("epochs", 2, 10)
+        params["lr"] = trial.suggest_float("lr", *span(1e-4, 1e-2, base.lr), log=True)
+        params["weight_decay"] = trial.suggest_float("weight_decay", *span(1e-6, 1e-2, base.weight_decay), log=True)
+        params["backbone_lr_ratio"] = trial.suggest_float(
+            "backbone_lr_ratio", *span(0.01, 0.5, base.backbone_lr_ratio), log=True)
+        params["epochs"] = trial.suggest_int("epochs", *span(2, 10, base.epochs))
         params["bn_mode"] = trial.suggest_categorical("bn_mode", ["frozen", "train"])
         params["augment"] = trial.suggest_categorical("augment", list(AUGMENTS))
     return params
@@ -544,7 +553,7 @@ def make_objective(config: SearchConfig, run_dir: Path, run_trial: TrialRunner) 
         trial.set_user_attr("sampler_seed", trial_seed(config.seed, trial.number))
         if config.trials is not None and not trial.user_attrs.get("queued"):
             raise SurplusTrial("the study already holds its planned number of trials")
-        params = suggest_params(trial, config.backbones)
+        params = suggest_params(trial, config.backbones, config.base)
         plan = plan_from_params(params, config.base)
         trial.set_user_attr("plan", asdict(plan))
 

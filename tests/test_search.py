@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,6 +99,42 @@ def config(storage: str, trials: int | None = 6, heartbeat_seconds: int = 10) ->
 )
 def test_params_round_trip(plan: Plan) -> None:
     assert plan_from_params(params_from_plan(plan, [BACKBONE]), BASE) == plan
+
+
+def test_the_rules_frozen_plans_at_every_level_lie_in_the_search_space(tmp_path: Path) -> None:
+    """Far data enqueues a frozen Plan at each feature level; a fixed value outside the
+    sampler's range made Optuna warn in every such `fit` and hid the trial from TPE."""
+    from autotransfer.strategies import depth_of
+
+    _, levels = depth_of(BACKBONE, None)
+    plans = [replace(BASE, strategy="frozen", feature_level=level) for level in range(levels)]
+    cfg = config(":memory:", trials=len(plans) + 2)
+    study = open_study(cfg)
+    enqueue_plans(study, plans, cfg.backbones)
+    fill_queue(study, cfg.trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "Fixed parameter ... is out of range" included
+        run_search(study, cfg, tmp_path, fake_trial)
+    trials = study.get_trials()
+    assert [plan_from_params(t.params, BASE).feature_level for t in trials[:levels]] == list(range(levels))
+    assert all(t.distributions["levels_below_top"].high == levels for t in trials)
+
+
+def test_the_users_epochs_and_learning_rate_lie_in_the_search_space(tmp_path: Path) -> None:
+    """`fit --epochs 20 --lr 0.05` puts them in every rule Plan; the sampler's ranges
+    stretch to them (and no further), so Optuna neither warns nor clips them."""
+    base = replace(BASE, epochs=20, lr=0.05)
+    cfg = replace(config(":memory:", trials=2), base=base)
+    study = open_study(cfg)
+    enqueue_plans(study, [replace(base, strategy="full")], cfg.backbones)
+    fill_queue(study, cfg.trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_search(study, cfg, tmp_path, fake_trial)
+    first = study.get_trials()[0]
+    assert plan_from_params(first.params, base) == replace(base, strategy="full")
+    assert (first.distributions["epochs"].low, first.distributions["epochs"].high) == (2, 20)
+    assert (first.distributions["lr"].low, first.distributions["lr"].high) == (1e-4, 0.05)
 
 
 def test_trials_and_workers_train_where_the_search_was_told(tmp_path: Path) -> None:
