@@ -28,18 +28,12 @@ from autotransfer.bench import (
     BenchSettings, cell_data, empty_feature_cache, heldout_predictions, heldout_split, parse_sizes, scan_datasets,
 )
 from autotransfer.errors import AutotransferError
+from autotransfer.metrics import accuracy_gap_se
 from autotransfer.train import fit, refit
 
 
 def accuracy(predicted: list[int], targets: list[int]) -> float:
     return sum(p == t for p, t in zip(predicted, targets)) / len(targets)
-
-
-def paired_se_points(a: list[int], b: list[int], targets: list[int]) -> float:
-    """SE of the accuracy difference of two models on the same images, in points."""
-    diffs = [(x == t) - (y == t) for x, y, t in zip(a, b, targets)]
-    mean = sum(diffs) / len(diffs)
-    return 100 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def one_seed(data: Path, per_class: int | None, seed: int, args: argparse.Namespace, work: Path) -> dict:
@@ -56,9 +50,10 @@ def one_seed(data: Path, per_class: int | None, seed: int, args: argparse.Namesp
     empty_feature_cache()
     result = fit(sub, plan, split_dir, progress=False, log=lambda _: None)
     split_predicted = heldout_predictions(split_dir, result.metrics, sub.splits[held], sub.classes)
+    kept = result.metrics.get("kept")
     row = {"seed": seed, "train": len(sub.splits["train"]), "val": len(sub.splits["val"]), "heldout": len(targets),
-           "kept": result.metrics.get("kept"), "split_accuracy": accuracy(split_predicted, targets)}
-    if result.metrics.get("kept") != "finetuned":  # fit refits only a fine-tuned winner
+           "kept": kept, "split_accuracy": accuracy(split_predicted, targets)}
+    if kept != "finetuned":  # fit refits only a fine-tuned winner
         return {**row, "epochs": None, "refit_accuracy": None, "gain_points": None, "paired_se_points": None}
     epochs = result.metrics["stages"]["finetune_best_epoch"]
     refit(sub, plan, refit_dir, epochs)
@@ -66,7 +61,7 @@ def one_seed(data: Path, per_class: int | None, seed: int, args: argparse.Namesp
     refit_accuracy = accuracy(refit_predicted, targets)
     return {**row, "epochs": epochs, "refit_accuracy": refit_accuracy,
             "gain_points": round(100 * (refit_accuracy - row["split_accuracy"]), 2),
-            "paired_se_points": round(paired_se_points(refit_predicted, split_predicted, targets), 2)}
+            "paired_se_points": round(100 * accuracy_gap_se(refit_predicted, split_predicted, targets), 2)}
 
 
 def summary(rows: list[dict]) -> dict:
