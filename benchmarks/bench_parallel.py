@@ -5,7 +5,10 @@ One process per cell keeps each cell's bench.json whole when others are killed a
 deadline; cells start seed by seed (every cell of seed 0 first), the largest first (with
 --jobs 1 the smallest), so a cut-short run still holds whole seeds. Run again with the same
 OUT, it skips finished cells and continues killed ones from their last finished row
-(`autotransfer bench --resume`).
+(`autotransfer bench --resume`). With --store DIR every finished row is also copied to
+DIR/CELL/ as it lands, and copied back before a cell starts: commit DIR and a later sitting
+on a fresh checkout goes on where this one stopped (a cifar10 cell at every image is hours
+of CPU, more than one sitting).
 Merge and average the cells afterwards with
 `benchmarks/bench_seeds.py OUT/cells/*/bench.json --out ...`.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -60,28 +64,59 @@ def plan_cells(datasets: list[Path], sizes: list[str], seeds: list[int], largest
     return cells
 
 
-def run_cells(cells: list[Cell], bench_args: list[str], jobs: int, deadline: float, out: Path) -> dict:
-    """Start cells while there is time, `jobs` at once; kill what still runs at the deadline."""
+def rows_folder(out: Path, cell: Cell) -> Path:
+    """Where `autotransfer bench --out OUT/cells/CELL` keeps the cell's finished rows."""
+    from autotransfer.bench import cell_runs
+
+    per_class = None if cell.per_class == "all" else int(cell.per_class)
+    return cell_runs(out / "cells" / cell.name, cell.data.name, per_class) / "rows"
+
+
+def copy_rows(source: Path, target: Path) -> int:
+    """Copy the whole row files (*.json, the cell's fingerprint too) that `target` lacks or holds
+    otherwise; a `.partial` file is a row being written and waits for the next call."""
+    copied = 0
+    for path in sorted(source.glob("*.json")) if source.is_dir() else []:
+        kept = target / path.name
+        if not kept.is_file() or kept.read_bytes() != path.read_bytes():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, kept)
+            copied += 1
+    return copied
+
+
+def run_cells(cells: list[Cell], bench_args: list[str], jobs: int, deadline: float, out: Path,
+              store: Path | None = None) -> dict:
+    """Start cells while there is time, `jobs` at once; kill what still runs at the deadline.
+    With a `store`, rows go there as they land and come back from it before a cell starts."""
     start = time.monotonic()
     status = {c.name: "done earlier" if (out / "cells" / c.name / DONE).exists() else "not started" for c in cells}
     queue, running = [c for c in cells if status[c.name] == "not started"], {}
     while queue or running:
         for name, (proc, cell, began) in list(running.items()):
-            if proc.poll() is not None:
+            ended = proc.poll() is not None
+            if store is not None:
+                copy_rows(rows_folder(out, cell), store / name)
+            if ended:
                 status[name] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
                 if proc.returncode == 0:
                     (out / "cells" / name / DONE).touch()
                 print(f"[{time.monotonic() - start:6.0f} s] {name}: {status[name]} in {time.monotonic() - began:.0f} s", flush=True)
                 del running[name]
         if time.monotonic() - start > deadline:
-            for name, (proc, _, _) in running.items():
+            for name, (proc, cell, _) in running.items():
                 proc.kill()
+                proc.wait()
+                if store is not None:
+                    copy_rows(rows_folder(out, cell), store / name)
                 status[name] = "killed at the deadline"
             break
         while queue and len(running) < jobs:
             cell = queue.pop(0)
             folder = out / "cells" / cell.name
             folder.mkdir(parents=True, exist_ok=True)  # a cell killed by an earlier deadline goes on (--resume)
+            if store is not None and copy_rows(store / cell.name, rows_folder(out, cell)):
+                print(f"{cell.name}: rows of an earlier sitting restored from {store / cell.name}", flush=True)
             command = [sys.executable, "-m", "autotransfer", "bench", str(cell.data.resolve()), "--per-class", cell.per_class,
                        "--seed", str(cell.seed), "--out", str(folder.resolve()), "--resume", *bench_args]
             log = (folder / "log.txt").open("a")
@@ -103,6 +138,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 3), help="Cells at once [default: cores / 3].")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="Seconds; cells still running then are killed.")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--store", type=Path, help="Copy every finished row here as it lands (DIR/CELL/*.json) and "
+                        "restore from here before a cell starts: commit it to go on in another sitting.")
     parser.epilog = "Options after -- go to every `autotransfer bench` cell."
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -112,7 +149,7 @@ def main() -> int:
         parser.error(f"not a folder: {', '.join(missing)}")
     cells = plan_cells(args.data, args.per_class or ["10", "50", "all"], args.seeds, largest_first=args.jobs > 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run_cells(cells, bench_args, args.jobs, args.deadline, args.out)
+    result = run_cells(cells, bench_args, args.jobs, args.deadline, args.out, args.store)
     done = sum(c["status"] == "done" for c in result["cells"])
     print(f"{done} of {len(cells)} cells done in {result['seconds']:.0f} s; {args.out / 'status.json'}")
     return 0 if done == len(cells) else 1

@@ -448,6 +448,20 @@ def test_parallel_cells_merge_by_seed_skip_done_ones_and_stop_at_the_deadline(sp
     assert again.returncode == 1 and "0 of 2 cells done" in again.stdout
     assert {c["status"] for c in json.loads((tmp_path / "par" / "status.json").read_text())["cells"]} == {"done earlier"}
 
+    # --store: every finished row is copied out as it lands and restored into a fresh OUT (another sitting)
+    stored = [*command[:command.index("--seeds")], "--seeds", "0", "--store", str(tmp_path / "store"),
+              "--out", str(tmp_path / "first"), *command[command.index("--") :]]
+    assert subprocess.run(stored, capture_output=True, text=True, env=env).returncode == 0
+    cell = f"{split_folder.name}-4-s0"
+    kept = sorted(p.name for p in (tmp_path / "store" / cell).glob("*.json"))
+    assert "cell.json" in kept and "autotransfer.json" in kept and "probes.json" in kept, kept
+    stored[stored.index(str(tmp_path / "first"))] = str(tmp_path / "second")
+    second = subprocess.run(stored, capture_output=True, text=True, env=env)
+    assert second.returncode == 0 and f"{cell}: rows of an earlier sitting restored" in second.stdout, second.stdout
+    log = (tmp_path / "second" / "cells" / cell / "log.txt").read_text()
+    assert log.count("kept from the interrupted run") == len(kept) - 1, log  # every row, none trained again
+    assert json.loads((tmp_path / "second" / "cells" / cell / "bench.json").read_text())["cells"][0]["rows"]
+
     late = [*command[:command.index("--out")], "--deadline", "2", "--out", str(tmp_path / "late"), *command[command.index("--") :]]
     cut = subprocess.run(late, capture_output=True, text=True, env=env)
     assert cut.returncode == 1
