@@ -164,14 +164,21 @@ def _same_data(config: SearchConfig, scan: DatasetScan, run_dir: Path) -> None:
 
 def _adopt_and_test(study: "optuna.Study", run_dir: Path, scan: DatasetScan, log: Callable[[str], None]) -> Plan:
     """Adopt the best trial into RUN, refit a fine-tuned winner on every labelled image
-    where the tool drew val itself (a frozen one was refit in its trial), then score it
-    on test/ (trials never saw test/)."""
+    where the tool drew val itself (a frozen one was refit in its trial; a cross-validated
+    one left its refit to this point, so only the winner pays for one), then score it on
+    test/ (trials never saw test/)."""
     plan, _ = adopt_best(study, run_dir)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
-    if plan.refit and scan.val_drawn and metrics.get("kept") == "finetuned" and "refit" not in metrics:
+    labelled = len(scan.splits["train"]) + len(scan.splits["val"])
+    pending = metrics.get("refit")
+    if pending is not None and "images" not in pending:  # a cross-validated trial: no model of its own yet
+        epochs = pending["epochs"]
+        log(f"refit: the winner on every labelled image ({labelled}), {epochs} epochs (its folds' median)")
+        metrics["refit"] = {**pending, "images": refit(scan, plan, run_dir, epochs)}
+    elif plan.refit and scan.val_drawn and metrics.get("kept") == "finetuned" and pending is None:
         epochs = metrics["stages"]["finetune_best_epoch"]
-        log(f"refit: the winner again on train + val ({len(scan.splits['train']) + len(scan.splits['val'])} images), "
+        log(f"refit: the winner again on train + val ({labelled} images), "
             f"{epochs} epochs (its best on the split); --no-refit keeps the split's model")
         metrics["refit"] = {"images": refit(scan, plan, run_dir, epochs), "epochs": epochs}
     if scan.splits.get("test"):

@@ -342,12 +342,14 @@ def test_fine_tuning_on_few_images_is_cross_validated_like_the_probe(
 ) -> None:
     """24 labelled images: a val split would be 2 per class. The fine-tuned trial is judged
     by k folds over every labelled image, in the order the frozen probe uses, so the
-    search compares the two on the same images; its model is then refit on all of them."""
+    search compares the two on the same images; adopted, its model is then refit on all
+    of them (and only then: a trial that loses costs no refit)."""
     import optuna
     from autotransfer.search import SearchConfig, default_storage, shared_images
 
     # every fold runs, however far behind the probe (the stop is test_search's)
     monkeypatch.setattr("autotransfer.search.CV_BEHIND_STANDARD_ERRORS", float("inf"))
+    monkeypatch.setattr("autotransfer.search.finetuning_wins", lambda *_: True)  # adopted, whatever its folds said
 
     scan = scan_folder(image_folder)
     frozen = Plan(**{**FAST, "backbone": "test_efficientnet", "reasons": ["rule"]})
@@ -365,7 +367,11 @@ def test_fine_tuning_on_few_images_is_cross_validated_like_the_probe(
     pool = [r.label for r in scan.splits["train"] + scan.splits["val"]]
     assert folds.user_attrs["cv_predictions"]["target"] == probe.user_attrs["cv_predictions"]["target"] == pool
     metrics = json.loads((run / "trials" / f"{folds.number:04d}" / "metrics.json").read_text())
-    assert metrics["cv"]["folds"] == 5 and metrics["cv"]["n"] == len(pool) == metrics["refit"]["images"]
+    assert metrics["cv"]["folds"] == 5 and metrics["cv"]["n"] == len(pool)
+    assert "images" not in metrics["refit"] and not (run / "trials" / f"{folds.number:04d}" / "model.pt").exists()
+    adopted = json.loads((run / "metrics.json").read_text())
+    assert adopted["refit"] == {**metrics["refit"], "images": len(pool)} and (run / "model.pt").is_file()
+    assert sum(line.startswith("refit: the winner on every labelled image") for line in lines) == 1
     assert folds.value == pytest.approx(metrics["cv"]["balanced_accuracy"])
     assert len(list((run / "trials" / f"{folds.number:04d}").glob("fold*"))) == 5
     assert sum(line.startswith("  fold ") for line in lines) == 5
