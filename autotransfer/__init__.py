@@ -8,6 +8,14 @@ these functions, not the submodules of the same name: import from those with
 
 __version__ = "0.1.0"
 
-from autotransfer.api import Model, Plan, Prediction, Profile, Run, fit, load, plan, profile  # noqa: E402
-
 __all__ = ["Model", "Plan", "Prediction", "Profile", "Run", "__version__", "fit", "load", "plan", "profile"]
+
+
+def __getattr__(name: str):
+    """The API on first use (PEP 562): importing torch and timm takes seconds, and the
+    command line must not pay them for `--help` or a mistyped path."""
+    if name in __all__:
+        from autotransfer import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'autotransfer' has no attribute {name!r}")

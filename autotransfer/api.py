@@ -23,9 +23,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from autotransfer.backbones import DEFAULT_BACKBONE
 from autotransfer.errors import AutotransferError, UsageError, interruptible
-from autotransfer.plan import Compute, Plan, check_number, ranked_lines
+from autotransfer.plan import DEFAULT_BACKBONE, LOGGERS, Compute, Plan, check_number, ranked_lines
 from autotransfer.predict import Model, Prediction
 from autotransfer.predict import load as _load_model
 from autotransfer.profile import Profile
@@ -37,9 +36,6 @@ if TYPE_CHECKING:
     from autotransfer.search import SearchProgress
 
 __all__ = ["Model", "Prediction", "Profile", "Plan", "Run", "fit", "load", "plan", "profile", "wants_progress"]
-
-# fit(logger=...): Lightning's loggers, and the package each needs beyond Lightning
-LOGGERS = {"csv": (), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
 
 Log = Optional[Callable[[str], None]]  # None: silent
 # Plan fields a caller may set; backbone and strategy are arguments of their own, and

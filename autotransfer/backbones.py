@@ -30,9 +30,6 @@ from autotransfer.errors import BackboneError
 
 ENTRY_POINT_GROUP = "autotransfer.backbones"
 DISABLE_AUTOLOAD_ENV = "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD"
-# What every command uses when no --backbone is given (`fit` without --strategy chooses
-# among it and the installed default candidates, this one first).
-DEFAULT_BACKBONE = "efficientnet_lite0"
 BUILTIN_PACKAGE = "autotransfer"
 
 StateDict = dict[str, torch.Tensor]

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import click
 
-from autotransfer import __version__, api
-from autotransfer.backbones import DEFAULT_BACKBONE
+from autotransfer import __version__
+from autotransfer.data import check_data_root
 from autotransfer.errors import AutotransferError, DataError, Interrupted, UsageError, interruptible, user_file_error
-from autotransfer.plan import ACCELERATORS, AUGMENTS, BN_MODES, ALL_LEVELS_MODES, PRECISIONS, STRATEGIES, Compute, check_number, ranked_lines
+from autotransfer.plan import (
+    ACCELERATORS, ALL_LEVELS_MODES, AUGMENTS, BN_MODES, DEFAULT_BACKBONE, LOGGERS, PRECISIONS, STRATEGIES, Compute, check_number,
+    ranked_lines,
+)
 
 
 class _Command(click.Command):
@@ -167,7 +170,7 @@ def _plan_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and the result (for scripts): no progress lines or bars.")
 @click.option("--verbose", "-v", is_flag=True, help="Every ranked Plan's reasons, and the search's own lines about each trial.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document on stdout; progress lines go to stderr.")
-@click.option("--logger", type=click.Choice(list(api.LOGGERS)), default="csv",
+@click.option("--logger", type=click.Choice(list(LOGGERS)), default="csv",
               help="Lightning's logger of each training stage: CSV, TensorBoard (pip install 'autotransfer[tensorboard]') or MLflow (pip install 'autotransfer[mlflow]'; MLFLOW_TRACKING_URI, else RUN/logs/mlruns).")
 def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | None,
         time_budget: str | None, storage: str | None, max_images: int, resume: bool, overwrite: bool,
@@ -193,6 +196,8 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     A RUN holds one run: fit refuses a non-empty --out unless --overwrite; --resume
     refuses other data. Ctrl-C prints what was kept and where, and exits with 130.
     """
+    check_data_root(data)
+    from autotransfer import api
     from autotransfer.terminal import Screen
 
     api.quiet_frameworks()
@@ -239,6 +244,9 @@ def plan_command(data: Path, backbones: tuple[str, ...], max_images: int, out: P
 
     `autotransfer fit DATA --plan plan.json` then runs exactly that Plan.
     """
+    check_data_root(data)
+    from autotransfer import api
+
     log = None if quiet else _warn if as_json else click.echo
     plans = api.plan(data, backbone=backbones, max_images=max_images, progress=_progress(no_progress or quiet),
                      log=log, warn=_warn, **options)
@@ -261,6 +269,7 @@ def worker(run: Path) -> None:
     --out RUN`), then run `autotransfer worker RUN` on other machines that see the same
     DATA path and RUN folder (or a copy of RUN/search.json). Each trial runs exactly once.
     """
+    from autotransfer import api
     from autotransfer.selector import continue_search
 
     api.quiet_frameworks()
@@ -349,6 +358,8 @@ def _fmt(values) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
     """Accuracy, macro-F1, per-class accuracy and confusion matrix of RUN on DATA."""
+    from autotransfer import api
+
     report = api.load(run).evaluate(data, split)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -373,6 +384,8 @@ def evaluate(run: Path, data: Path, split: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(run: Path, images: tuple[Path, ...], top_k: int, as_json: bool) -> None:
     """Top-k classes with probabilities for each IMAGE."""
+    from autotransfer import api
+
     results = [p.to_dict() for p in api.load(run).predict(list(images), top_k)]
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -409,6 +422,7 @@ def check_plugin(name: str) -> None:
     frozen fit on generated images, predict / evaluate, load_model in a fresh process,
     and a cat photo through its ImageNet head (when it has one). Exit 1 if any fails.
     In a plugin's tests: `autotransfer.testing.check_backbone(NAME)`."""
+    from autotransfer import api
     from autotransfer.testing import FAIL, run_checks
 
     api.quiet_frameworks()
@@ -455,6 +469,8 @@ def profile(data: Path, out: Path, no_progress: bool, as_json: bool, **options) 
     distance to the calibration photos' features, LogME and leave-one-out k-NN with
     trivial baselines. Writes OUT (schema in README, "How it decides").
     """
+    check_data_root(data)
+    from autotransfer import api
     from autotransfer.profile import format_profile
 
     result = api.profile(data, progress=_progress(no_progress), **options)
@@ -508,6 +524,7 @@ def bench(data: tuple[Path, ...], per_class: tuple[str, ...], quick: bool, seed:
     OUT/runs/       each recipe's RUN folder (models deleted unless --keep-models),
                     and each cell's finished rows (rows/), kept as they end for --resume
     """
+    from autotransfer import api
     from autotransfer.bench import BenchSettings, parse_sizes, run_bench, verdict_lines
 
     api.quiet_frameworks()
@@ -558,6 +575,8 @@ def report(run: Path, out: Path | None, data: Path | None, curve: bool, max_misc
     report.json to --out. Works on explicit runs too: what they lack is named, with the
     command that produces it.
     """
+    from autotransfer import api
+
     html = api.Run(run).report(out, data=data, curve=curve, max_misclassified=max_misclassified,
                                progress=_progress(no_progress), log=click.echo, warn=_warn)
     click.echo(f"report written to {html} (and report.md, report.json)")

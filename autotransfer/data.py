@@ -223,6 +223,17 @@ def _find_splits(folders: list[Path]) -> dict[str, Path]:
     return splits
 
 
+def check_data_root(root: str | Path) -> Path:
+    """DATA as a Path, or DataError if it is not a folder: the command line says so before
+    it imports torch and timm (seconds)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist; expected a folder like {root}/<class>/<image>.jpg")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file; expected a folder like {root}/<class>/<image>.jpg")
+    return root
+
+
 def scan_folder(
     root: str | Path, val_fraction: float | None = 0.2, seed: int = 0, workers: int | None = None,
     follow_symlinks: bool | None = None, exclude: Iterable[str | Path] = (),
@@ -234,11 +245,7 @@ def scan_folder(
     (None: the AUTOTRANSFER_FOLLOW_SYMLINKS environment variable, so every command that
     rescans DATA sees the same files); so are RUN folders and the folders in `exclude`.
     """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root} does not exist; expected a folder like {root}/<class>/<image>.jpg")
-    if not root.is_dir():
-        raise DataError(f"{root} is a file; expected a folder like {root}/<class>/<image>.jpg")
+    root = check_data_root(root)
     if follow_symlinks is None:
         follow_symlinks = os.environ.get(FOLLOW_SYMLINKS_ENV, "") not in ("", "0")
     walk = _Walk(root, follow_symlinks, exclude)

@@ -23,6 +23,11 @@ AUGMENTS = ("crop", "strong")  # features.train_transform
 ALL_LEVELS_MODES = ("level", "feature", "ensemble")  # train.probe_head
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+# What every command uses when no --backbone is given (`fit` without --strategy chooses
+# among it and the installed default candidates, this one first).
+DEFAULT_BACKBONE = "efficientnet_lite0"
+# fit(logger=...): Lightning's loggers, and the package each needs beyond Lightning
+LOGGERS = {"csv": (), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
 
 
 # What each numeric field must be, besides finite. Plan checks them all; the CLI's options

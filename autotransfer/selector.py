@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from autotransfer.backbones import DEFAULT_BACKBONE, get_backbone, list_backbones
+from autotransfer.backbones import get_backbone, list_backbones
 from autotransfer.data import DatasetScan, scan_folder
 from autotransfer.errors import BackboneError, RunError
 from autotransfer.features import cache_feature_levels
-from autotransfer.plan import Plan, describe
+from autotransfer.plan import DEFAULT_BACKBONE, Plan, describe
 from autotransfer.predict import evaluate_records
 from autotransfer.profile import Profile, profile_dataset
 from autotransfer.rules import THRESHOLDS, input_size, rank_plans, rank_plans_across_backbones

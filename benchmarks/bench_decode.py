@@ -24,10 +24,10 @@ from PIL import Image
 
 from _results import machine, versions, write_result
 
-from autotransfer.backbones import DEFAULT_BACKBONE, get_backbone
+from autotransfer.backbones import get_backbone
 from autotransfer.data import load_rgb
 from autotransfer.features import train_transform
-from autotransfer.plan import Plan
+from autotransfer.plan import DEFAULT_BACKBONE, Plan
 from autotransfer.strategies import Preprocessing
 
 SMALL_IMAGE_SETS = ("cifar10", "pneumoniamnist")

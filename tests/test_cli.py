@@ -457,6 +457,34 @@ def test_user_errors_are_one_line_exit_1_without_traceback(case, tmp_path, image
     _one_line_error(run(*make_args(tmp_path, image_folder)), match)
 
 
+def test_help_and_a_wrong_data_path_answer_without_importing_torch(tmp_path):
+    """torch, timm and Lightning take seconds to import: `--help` and a mistyped DATA must
+    not wait for them (5.6 s before, 0.1-0.3 s now on 2 cores)."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from autotransfer.cli import main\n"
+        "for args in (['--help'], ['fit', '--help'], ['fit', sys.argv[1]], ['profile', sys.argv[1]], ['plan', sys.argv[1]]):\n"
+        "    result = CliRunner().invoke(main, args)\n"
+        "    print(result.exit_code, (result.output.strip().splitlines() or [''])[-1])\n"
+        "print(sorted(m for m in ('torch', 'timm', 'pytorch_lightning', 'optuna') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[-1] == "[]", done.stdout + done.stderr
+    assert [line.split()[0] for line in lines[:-1]] == ["0", "0", "1", "1", "1"], lines
+    assert all("does not exist" in line for line in lines[2:5]), lines
+
+
+def test_the_package_api_loads_on_first_use():
+    import autotransfer
+    from autotransfer import api
+
+    assert autotransfer.fit is api.fit and autotransfer.Run is api.Run and autotransfer.load is api.load
+    with pytest.raises(AttributeError, match="no attribute 'fitt'"):
+        autotransfer.fitt
+
+
 def test_the_model_file_of_the_bad_model_cases_loads_unchanged(tmp_path, image_folder):
     ok("predict", _model_file(tmp_path), image_folder / "red" / "00.jpg")
 
