@@ -480,6 +480,7 @@ def test_the_package_api_loads_on_first_use():
     import autotransfer
     from autotransfer import api
 
+    assert {"fit", "load", "plan", "profile", "Run"} <= set(dir(autotransfer))
     assert autotransfer.fit is api.fit and autotransfer.Run is api.Run and autotransfer.load is api.load
     with pytest.raises(AttributeError, match="no attribute 'fitt'"):
         autotransfer.fitt
