@@ -588,11 +588,27 @@ def cross_validate(
     return FitResult(str(out), plan, metrics, False, metrics["seconds"], logits[in_val])
 
 
-def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress: bool = False) -> int:
+class StopAfter(pl.Callback):
+    """Ends training after `epochs` epochs of a longer schedule (the Trainer's max_epochs)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress: bool = False,
+          schedule_epochs: int | None = None) -> int:
     """Retrain a fine-tuning Plan on train and val together: the linear probe on all of
     them, then `epochs` of fine-tuning (the count that was best on the split), with no
     validation left to select on. What a search adopts when it drew val itself: the
-    model learns from every labelled image. Writes model.pt; returns the images used."""
+    model learns from every labelled image. Writes model.pt; returns the images used.
+
+    The one-cycle schedule spans the `epochs` trained; with `schedule_epochs` it spans
+    that many (the split run's) and training stops after `epochs`, where the split's
+    best epoch stood in it (benchmarks/bench_refit.py measures both)."""
     out = Path(out)
     images = scan.splits["train"] + scan.splits["val"]
     pool = DatasetScan(scan.root, scan.classes, {"train": images}, scan.skipped, scan.layout)
@@ -612,7 +628,8 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
             net, backbone_param_groups(net, plan), plan.weight_decay,
             class_weights(labels, len(scan.classes)) if plan.class_weighting else None, label_smoothing=plan.label_smoothing,
         )
-        trainer = _trainer(out, "refit", epochs, [], progress, compute=plan.compute)
+        stop = [StopAfter(epochs)] if schedule_epochs and schedule_epochs > epochs else []
+        trainer = _trainer(out, "refit", max(epochs, schedule_epochs or 0), stop, progress, compute=plan.compute)
         _fit(trainer, task, finetune_loader(images, prep, plan, trainer.world_size))
     net.eval()
     save_model(out / MODEL_FILE, net, spec, plan.feature_level, scan.classes, prep)

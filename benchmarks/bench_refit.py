@@ -3,7 +3,11 @@ images (`bench.cell_data`: the same subsample, drawn val and held-out images as
 `autotransfer bench`), one Plan is trained twice:
 
   split  trained on train, restored to its best epoch on the drawn val (`fit --no-refit`)
-  refit  trained again on train + val for that many epochs (what `fit` ships)
+  refit  trained again on train + val for that many epochs (what `fit` ships), its
+         one-cycle schedule squeezed into them
+  refit on the split's schedule  the same, on the split run's schedule (all its epochs),
+         stopped after that many: where the split's best epoch stood in it (the learning
+         rate not yet annealed); the same model as `refit` when the best epoch was the last
 
 and both are scored on the same held-out images. The verdict is the mean difference over
 seeds with its standard error *across seeds*: it includes the model-to-model spread (a
@@ -44,8 +48,8 @@ def one_seed(data: Path, per_class: int | None, seed: int, args: argparse.Namesp
     plan = replace(base, strategy=args.strategy, cut=args.cut if args.strategy == "partial" else None)
     held = heldout_split(sub)
     targets = [r.label for r in sub.splits[held]]
-    split_dir, refit_dir = work / f"s{seed}" / "split", work / f"s{seed}" / "refit"
-    for folder in (split_dir, refit_dir):
+    split_dir, refit_dir, along_dir = (work / f"s{seed}" / name for name in ("split", "refit", "refit_split_schedule"))
+    for folder in (split_dir, refit_dir, along_dir):
         shutil.rmtree(folder, ignore_errors=True)
     empty_feature_cache()
     result = fit(sub, plan, split_dir, progress=False, log=lambda _: None)
@@ -56,16 +60,25 @@ def one_seed(data: Path, per_class: int | None, seed: int, args: argparse.Namesp
     if kept != "finetuned":  # fit refits only a fine-tuned winner
         return {**row, "epochs": None, "refit_accuracy": None, "gain_points": None, "paired_se_points": None}
     epochs = result.metrics["stages"]["finetune_best_epoch"]
-    refit(sub, plan, refit_dir, epochs)
-    refit_predicted = heldout_predictions(refit_dir, {}, sub.splits[held], sub.classes)
-    refit_accuracy = accuracy(refit_predicted, targets)
-    return {**row, "epochs": epochs, "refit_accuracy": refit_accuracy,
-            "gain_points": round(100 * (refit_accuracy - row["split_accuracy"]), 2),
-            "paired_se_points": round(100 * accuracy_gap_se(refit_predicted, split_predicted, targets), 2)}
+
+    def scored(folder: Path, prefix: str, **schedule) -> dict:
+        refit(sub, plan, folder, epochs, **schedule)
+        predicted = heldout_predictions(folder, {}, sub.splits[held], sub.classes)
+        acc = accuracy(predicted, targets)
+        return {f"{prefix}accuracy": acc, f"{prefix.replace('refit_', '')}gain_points": round(100 * (acc - row["split_accuracy"]), 2),
+                f"{prefix.replace('refit_', '')}paired_se_points": round(100 * accuracy_gap_se(predicted, split_predicted, targets), 2)}
+
+    row = {**row, "epochs": epochs, **scored(refit_dir, "refit_")}
+    if epochs < plan.epochs:
+        row.update(scored(along_dir, "refit_split_schedule_", schedule_epochs=plan.epochs))
+    else:  # the split's best epoch was its last: the two refits are one run
+        row.update({"refit_split_schedule_accuracy": row["refit_accuracy"], "split_schedule_gain_points": row["gain_points"],
+                    "split_schedule_paired_se_points": row["paired_se_points"]})
+    return row
 
 
-def summary(rows: list[dict]) -> dict:
-    gains = [r["gain_points"] for r in rows if r["gain_points"] is not None]
+def summary(rows: list[dict], key: str = "gain_points") -> dict:
+    gains = [r[key] for r in rows if r.get(key) is not None]
     if not gains:
         return {"seeds": 0, "mean_gain_points": None, "se_across_seeds": None}
     mean = sum(gains) / len(gains)
@@ -76,19 +89,23 @@ def summary(rows: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     lines = ["# Refit on train + val vs the split's model", "", f"Command: `{report['command']}`", "",
-             "| dataset | size | seed | train + val | held-out | kept | epochs | split acc | refit acc | gain (pts) | paired SE (pts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | size | seed | train + val | held-out | kept | epochs | split acc | refit acc | gain ± paired SE (pts) "
+             "| refit on the split's schedule | gain ± paired SE (pts) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    pm = lambda g, se: "-" if g is None else f"{g:+.2f} ± {se:.2f}"  # noqa: E731
     for cell in report["cells"]:
         for r in cell["seeds"]:
-            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"| {cell['dataset']} | {cell['size']} | {r['seed']} | {r['train']}+{r['val']} | {r['heldout']} | "
                          f"{r['kept']} | {r['epochs'] or '-'} | {fmt(r['split_accuracy'])} | {fmt(r['refit_accuracy'])} | "
-                         f"{'-' if r['gain_points'] is None else r['gain_points']} | {'-' if r['paired_se_points'] is None else r['paired_se_points']} |")
+                         f"{pm(r['gain_points'], r['paired_se_points'])} | {fmt(r.get('refit_split_schedule_accuracy'))} | "
+                         f"{pm(r.get('split_schedule_gain_points'), r.get('split_schedule_paired_se_points'))} |")
     lines.append("")
     for cell in report["cells"]:
-        s = cell["summary"]
-        lines.append(f"- {cell['dataset']} {cell['size']}: refit gain {s['mean_gain_points']} points over {s['seeds']} "
-                     f"seed(s), SE across seeds {s['se_across_seeds']}")
+        for name, key in (("refit", "summary"), ("refit on the split's schedule", "summary_split_schedule")):
+            s = cell.get(key) or {}
+            lines.append(f"- {cell['dataset']} {cell['size']}: {name} gain {s.get('mean_gain_points')} points over "
+                         f"{s.get('seeds')} seed(s), SE across seeds {s.get('se_across_seeds')}")
     return "\n".join(lines) + "\n"
 
 
@@ -118,8 +135,11 @@ def main() -> int:
                 row = one_seed(data, per_class, seed, args, args.work / data.name)
                 cell["seeds"].append(row)
                 cell["summary"] = summary(cell["seeds"])
+                cell["summary_split_schedule"] = summary(cell["seeds"], "split_schedule_gain_points")
                 print(f"{data.name} seed {seed}: split {row['split_accuracy']:.4f}, refit "
-                      f"{'-' if row['refit_accuracy'] is None else format(row['refit_accuracy'], '.4f')}", flush=True)
+                      f"{'-' if row['refit_accuracy'] is None else format(row['refit_accuracy'], '.4f')}, on the split's "
+                      f"schedule {'-' if row.get('refit_split_schedule_accuracy') is None else format(row['refit_split_schedule_accuracy'], '.4f')}",
+                      flush=True)
                 args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
                 args.out.with_suffix(".md").write_text(markdown(report))
                 for model in (args.work / data.name).rglob("model.pt"):

@@ -477,3 +477,28 @@ def test_a_far_ensemble_head_averages_single_levels_and_reads_nothing_of_the_top
     top = net.classifier[1].weight[:, -net.dims[-1]:]
     assert torch.count_nonzero(top) == 0
     assert torch.count_nonzero(net.classifier[1].weight) > 0
+
+
+def test_a_refit_on_the_split_runs_schedule_stops_after_the_best_epoch(image_folder, tmp_path):
+    """refit(schedule_epochs=N): the one-cycle spans N epochs and training stops after
+    `epochs` (bench_refit compares it with the schedule squeezed into `epochs`)."""
+    import csv
+
+    from autotransfer.train import refit
+
+    scan = scan_folder(image_folder, val_fraction=0.25, seed=1)
+    plan = Plan("test_efficientnet", strategy="full", **{**FAST, "epochs": 3})
+
+    def trained_epochs(folder: Path) -> int:
+        with (folder / "logs" / "refit" / "metrics.csv").open() as f:
+            return len({row["epoch"] for row in csv.DictReader(f) if row.get("train_loss")})
+
+    def weights(folder: Path) -> dict:
+        return torch.load(folder / "model.pt", weights_only=False)["state_dict"]
+
+    refit(scan, plan, tmp_path / "squeezed", 2)
+    refit(scan, plan, tmp_path / "along", 2, schedule_epochs=3)
+    assert trained_epochs(tmp_path / "squeezed") == trained_epochs(tmp_path / "along") == 2
+    squeezed, along = weights(tmp_path / "squeezed"), weights(tmp_path / "along")
+    assert squeezed.keys() == along.keys()
+    assert any(not torch.equal(squeezed[k], along[k]) for k in squeezed)  # same seed and images: only the schedule differs
