@@ -6,6 +6,9 @@ these functions, not the submodules of the same name: import from those with
 `from autotransfer.plan import ...`.
 """
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
 __all__ = ["Model", "Plan", "Prediction", "Profile", "Run", "__version__", "fit", "load", "plan", "profile"]
@@ -23,3 +26,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})  # tab completion lists the API before its first use
+
+
+def _api_function(name: str) -> property:
+    """`plan` and `profile` name both an API function and a submodule; importing the
+    submodule binds it on the package, so the function is a property the import ignores."""
+    return property(lambda _: __getattr__(name), lambda _, value: None)
+
+
+class _Package(types.ModuleType):
+    plan = _api_function("plan")
+    profile = _api_function("profile")
+
+
+sys.modules[__name__].__class__ = _Package

@@ -484,6 +484,12 @@ def test_the_package_api_loads_on_first_use():
     assert autotransfer.fit is api.fit and autotransfer.Run is api.Run and autotransfer.load is api.load
     with pytest.raises(AttributeError, match="no attribute 'fitt'"):
         autotransfer.fitt
+    # `autotransfer.plan` / `.profile` are the API's functions, not the submodules of the same
+    # names, whether the command line imported those submodules first or not (fresh processes)
+    for first in ("import autotransfer", "import autotransfer, autotransfer.cli, autotransfer.plan, autotransfer.profile"):
+        code = f"{first}\nf = autotransfer.plan\nprint(callable(f), f is autotransfer.plan, callable(autotransfer.profile))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.stdout.split() == ["True", "True", "True"], (first, done.stdout, done.stderr)
 
 
 def test_the_model_file_of_the_bad_model_cases_loads_unchanged(tmp_path, image_folder):
