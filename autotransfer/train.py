@@ -539,7 +539,8 @@ def cross_validate(
     (`probe.cv_splits`, the same folds for the same seed), each fold's model scored at its
     last epoch on the images it did not see. The refit on all of them for that many epochs
     (`refit`) is left to the trial the search adopts (`selector`): a trial that loses
-    costs no refit (on 100 cifar10 images 8 s of a partial fine-tune's 49). No fold picks its best epoch, or its head, on the images it is
+    costs no refit (on 100 cifar10 images 8 s of a partial fine-tune's 49).
+    No fold picks its best epoch, or its head, on the images it is
     scored on: on 10 images a fold, the best of 7 candidates there is flattered; at
     128 px, flowers 10/class, such a CV led the frozen probe by 6 points (0.88 vs 0.82)
     and lost 7 held-out points to it (benchmarks/results/bench_gpu_128px_seed0.md).
