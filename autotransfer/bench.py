@@ -762,6 +762,7 @@ def run_bench(
 
 def rerun_autotransfer(
     report: dict, out: Path, note: str, log: Callable[[str], None] = print, datasets: Collection[str] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the autotransfer row of every cell of `report` (of `datasets` only, if given)
     again, on the same images with the same settings, and re-score the cells; every other
@@ -770,7 +771,8 @@ def rerun_autotransfer(
     What a change to the selector costs to judge: its row is a fraction of a cell's time,
     and the references, the peer and the fixed recipes do not run autotransfer's code.
     The images are checked to be the cell's (same held-out labels, same counts); `note`
-    (e.g. the commit) is recorded in the report and shown in its preamble.
+    (e.g. the commit) is recorded in the report and shown in its preamble. With `resume`,
+    a search that an interruption left in OUT goes on from its study (`run_autotransfer`).
     """
     settings = BenchSettings(**report["settings"])
     held = sorted({cell["dataset"] for cell in report["cells"]})
@@ -799,8 +801,9 @@ def rerun_autotransfer(
             old = cell["rows"][index]
             row = {k: old[k] for k in ("recipe", "kinds", "family", "depth", "title", "plan") if k in old}
             run_dir = cell_runs(out, cell["dataset"], cell["per_class"]) / old["recipe"]
-            shutil.rmtree(run_dir, ignore_errors=True)
-            row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log))
+            if not resume:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            row.update(run_autotransfer(sub, base, run_dir, settings.trials, settings.max_images, log, resume=resume))
             row["rerun"] = {"note": note, "before": {"heldout_accuracy": old.get("heldout_accuracy"), "choice": old.get("choice"),
                                                      "seconds": old.get("seconds")}}
             log(f"  autotransfer held-out {row['heldout_accuracy']:.4f} (was {old.get('heldout_accuracy')}), "

@@ -609,7 +609,8 @@ def refit(scan: DatasetScan, plan: Plan, out: str | Path, epochs: int, progress:
 
     The one-cycle schedule spans the `epochs` trained; with `schedule_epochs` it spans
     that many (the split run's) and training stops after `epochs`, where the split's
-    best epoch stood in it (benchmarks/bench_refit.py measures both)."""
+    best epoch stood in it: what a search ships after a split (benchmarks/bench_refit.py
+    measures both)."""
     out = Path(out)
     images = scan.splits["train"] + scan.splits["val"]
     pool = DatasetScan(scan.root, scan.classes, {"train": images}, scan.skipped, scan.layout)

@@ -1,15 +1,16 @@
 """Does refitting a fine-tuned winner on train + val help? For each seed, on a bench cell's
 images (`bench.cell_data`: the same subsample, drawn val and held-out images as
-`autotransfer bench`), one Plan is trained twice:
+`autotransfer bench`), one Plan is trained three times:
 
   split  trained on train, restored to its best epoch on the drawn val (`fit --no-refit`)
-  refit  trained again on train + val for that many epochs (what `fit` ships), its
-         one-cycle schedule squeezed into them
+  refit  trained again on train + val for that many epochs, its one-cycle schedule
+         squeezed into them (what `fit` shipped until the split's schedule won here)
   refit on the split's schedule  the same, on the split run's schedule (all its epochs),
          stopped after that many: where the split's best epoch stood in it (the learning
-         rate not yet annealed); the same model as `refit` when the best epoch was the last
+         rate not yet annealed); what `fit` ships after a split; the same model as
+         `refit` when the best epoch was the last
 
-and both are scored on the same held-out images. The verdict is the mean difference over
+and all are scored on the same held-out images. The verdict is the mean difference over
 seeds with its standard error *across seeds*: it includes the model-to-model spread (a
 refit is a new training run) that a per-image paired SE of one seed cannot see.
 

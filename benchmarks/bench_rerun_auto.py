@@ -27,12 +27,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dataset", action="append", default=None,
                         help="Rerun only this dataset's cells (repeatable): the cells a change can touch.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Go on from the search an interrupted rerun left in OUT (its finished trials kept).")
     args = parser.parse_args()
     quiet_frameworks()
     for path in args.reports:
         try:
             report = rerun_autotransfer(json.loads(path.read_text()), args.out / path.stem, args.note, log=print,
-                                        datasets=args.dataset)
+                                        datasets=args.dataset, resume=args.resume)
         except (OSError, ValueError, AutotransferError) as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 1

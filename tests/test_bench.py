@@ -560,6 +560,7 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     assert done.returncode == 0, done.stdout + done.stderr
     after = json.loads((tmp_path / "rerun" / "bench" / "bench.json").read_text())
     (old,), (new,) = before["cells"], after["cells"]
+    new_rows = new["rows"]
     assert new["heldout_targets"] == old["heldout_targets"] and new["images"] == old["images"]
     for a, b in zip(old["rows"], new["rows"]):
         if b["recipe"] == "autotransfer":
@@ -571,6 +572,17 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     assert after["reruns"][0]["rows"] == ["autotransfer"] and after["reruns"][0]["note"] == "after a change"
     assert f"Rerun of the autotransfer row(s) only in the cells of {name}, every other row kept as it was: after a change" in (
         tmp_path / "rerun" / "bench" / "bench.md").read_text()
+    kept = json.loads(json.dumps(before))  # models kept: a search stopped midway still has its trials' models
+    kept["settings"]["keep_models"] = True
+    (tmp_path / "kept.json").write_text(json.dumps(kept))
+    for flags in ([], ["--resume"]):  # the second goes on from the first's search, as after an interruption
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "kept.json"), "--note", "x", *flags,
+                               "--out", str(tmp_path / "kept")], capture_output=True, text=True, env=os.environ)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (cell,) = json.loads((tmp_path / "kept" / "kept" / "bench.json").read_text())["cells"]
+    (resumed,) = [row for row in cell["rows"] if row["recipe"] == "autotransfer"]
+    assert resumed["resumed"] and resumed["trials_run"] == 2 and "the search in" in done.stdout  # no trial ran again
+    assert resumed["heldout_predicted"] == next(r for r in new_rows if r["recipe"] == "autotransfer")["heldout_predicted"]
 
     other = json.loads(json.dumps(before))
     other["cells"][0]["heldout_targets"] = list(reversed(other["cells"][0]["heldout_targets"])) + [0]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 
 from autotransfer.cli import main
@@ -29,7 +30,7 @@ from autotransfer.selector import (
     trial_runner,
     warm_frozen_features,
 )
-from autotransfer.train import fit
+from autotransfer.train import fit, refit as refit_model
 
 from conftest import FAST, FAST_CLI, GOOD_PLUGIN, write_plugin, write_plugins
 
@@ -309,13 +310,14 @@ def test_a_fine_tuned_winner_is_refit_on_every_labelled_image(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refit: bool
 ) -> None:
     """The tool drew val itself: the adopted fine-tuned model then learns from train + val,
-    for the epoch count that was best on the split; `--no-refit` keeps the split's model."""
+    on the split run's schedule, stopped at the epoch that was best on the split (the model
+    that was validated, with more images); `--no-refit` keeps the split's model."""
     import autotransfer.selector as selector
     from autotransfer.search import SearchConfig, default_storage
 
     monkeypatch.setattr("autotransfer.train.finetune_wins", lambda *_: True)  # keep the fine-tuned weights
     monkeypatch.setattr(selector, "CV_FINETUNE_MAX_IMAGES", 0)  # judged on the val split, not by folds
-    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "partial", "cut": 2, "epochs": 2,
+    plan = Plan(**{**FAST, "backbone": "test_efficientnet", "strategy": "partial", "cut": 2, "epochs": 4,
                    "refit": refit, "reasons": ["rule"]})
     run = tmp_path / "run"
     config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=["test_efficientnet"],
@@ -330,11 +332,18 @@ def test_a_fine_tuned_winner_is_refit_on_every_labelled_image(
         assert "refit" not in metrics and adopted == trial
         return
     epochs = metrics["stages"]["finetune_best_epoch"]
-    assert metrics["refit"] == {"images": len(scan.splits["train"]) + len(scan.splits["val"]), "epochs": epochs}
+    assert metrics["refit"] == {"images": len(scan.splits["train"]) + len(scan.splits["val"]), "epochs": epochs,
+                                "schedule_epochs": 4}
     assert adopted != trial and any(line.startswith("refit: ") for line in lines)
     with (run / "logs" / "refit" / "metrics.csv").open() as f:
         logged = [row for row in csv.DictReader(f) if row.get("train_loss")]
     assert len(logged) == epochs  # one row per epoch, on train + val
+    assert epochs < 4  # else both schedules are one: the comparison below could not fail
+    shipped = torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    for schedule, same in ((4, True), (None, False)):  # this seed and these images: the schedule alone differs
+        refit_model(scan, plan, tmp_path / f"schedule-{schedule}", epochs, schedule_epochs=schedule)
+        again = torch.load(tmp_path / f"schedule-{schedule}" / "model.pt", weights_only=False)["state_dict"]
+        assert all(torch.equal(shipped[k], again[k]) for k in shipped) == same
 
 
 def test_fine_tuning_on_few_images_is_cross_validated_like_the_probe(
