@@ -560,7 +560,6 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     assert done.returncode == 0, done.stdout + done.stderr
     after = json.loads((tmp_path / "rerun" / "bench" / "bench.json").read_text())
     (old,), (new,) = before["cells"], after["cells"]
-    new_rows = new["rows"]
     assert new["heldout_targets"] == old["heldout_targets"] and new["images"] == old["images"]
     for a, b in zip(old["rows"], new["rows"]):
         if b["recipe"] == "autotransfer":
@@ -582,7 +581,7 @@ def test_rerunning_the_autotransfer_row_keeps_every_other_row_and_the_images(
     (cell,) = json.loads((tmp_path / "kept" / "kept" / "bench.json").read_text())["cells"]
     (resumed,) = [row for row in cell["rows"] if row["recipe"] == "autotransfer"]
     assert resumed["resumed"] and resumed["trials_run"] == 2 and "the search in" in done.stdout  # no trial ran again
-    assert resumed["heldout_predicted"] == next(r for r in new_rows if r["recipe"] == "autotransfer")["heldout_predicted"]
+    assert resumed["heldout_predicted"] == next(r for r in new["rows"] if r["recipe"] == "autotransfer")["heldout_predicted"]
 
     other = json.loads(json.dumps(before))
     other["cells"][0]["heldout_targets"] = list(reversed(other["cells"][0]["heldout_targets"])) + [0]
