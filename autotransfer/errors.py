@@ -38,18 +38,30 @@ class UsageError(AutotransferError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or a notebook's stop button) during `fit`; the message says what was kept
-    and where. A KeyboardInterrupt, so that it stops whatever called `fit`."""
+    """Ctrl-C, SIGTERM (`kill`, `timeout`, a scheduler) or a notebook's stop button during
+    `fit`; the message says what was kept and where. A KeyboardInterrupt, so that it stops
+    whatever called `fit`."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: Python's default would end the process at once, and Lightning's
+    handler lets the next DataLoader error (its workers got the signal too) fail the trial
+    as a bug; either way a search lost the trial's Plan instead of queueing it again."""
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextmanager
 def interruptible(kept: Callable[[], str]) -> Iterator[None]:
     """Turn Ctrl-C, however it arrives (a KeyboardInterrupt, or the exit(1) Lightning makes
-    of it once it has saved its weights), into Interrupted(`kept()`)."""
+    of it once it has saved its weights), into Interrupted(`kept()`); SIGTERM too, unless
+    the program has its own handler for it."""
     from autotransfer.search import is_ctrl_c
 
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
+    term = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if term:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     except Interrupted:
@@ -62,6 +74,8 @@ def interruptible(kept: Callable[[], str]) -> Iterator[None]:
         # shutdown): in a notebook the kernel could then never be interrupted again
         if main and handler is not None and signal.getsignal(signal.SIGINT) is not handler:
             signal.signal(signal.SIGINT, handler)
+        if term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 

@@ -690,6 +690,55 @@ def test_ctrl_c_in_a_search_says_what_was_kept_exits_130_and_resume_reruns_the_t
     _rules_fine_tune_ran_again(optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{out / 'study.db'}"), 1)
 
 
+SIGTERM_IN_FINE_TUNING = """
+import os, signal
+from autotransfer.cli import main
+from autotransfer.train import ClassifierTask
+
+real_step = ClassifierTask.training_step
+
+def terminated(self, batch, index):
+    os.killpg(0, signal.SIGTERM)  # as `kill -TERM -PGID`, `timeout` or a scheduler: the loader's workers get it too
+    return real_step(self, batch, index)
+
+ClassifierTask.training_step = terminated
+main({args!r})
+"""
+
+
+def test_sigterm_in_a_search_is_ctrl_c_and_resume_reruns_the_trials_own_plan(tmp_path, image_folder):
+    """SIGTERM to the whole process group in a real fine-tuning trial (the rules rank the
+    first one 6th here), with loader workers:
+    without its own handler the trial died of the workers' deaths (a DataLoader error, a
+    failed trial whose Plan the resume replaced by a sampled one)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import optuna
+
+    out = tmp_path / "R"
+    args = ["fit", str(image_folder), "--backbone", "test_efficientnet", "--trials", "6", *FAST_CLI, "--out", str(out)]
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_IN_FINE_TUNING.format(args=args)], capture_output=True,
+                             text=True, timeout=300, start_new_session=True, env={**os.environ, "AUTOTRANSFER_WORKERS": "2"})
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.splitlines()[-1].startswith(f"interrupted: {out} keeps "), stopped.stderr
+    study = optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{out / 'study.db'}")
+    (failed,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert failed.user_attrs["plan"]["strategy"] != "frozen"
+    (retry,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.system_attrs["fixed_params"] == failed.params
+
+    ok("fit", image_folder, "--resume", "--out", out)
+    study = optuna.load_study(study_name="autotransfer", storage=f"sqlite:///{out / 'study.db'}")
+    rerun = study.trials[retry.number]
+    assert rerun.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # it ran
+    assert rerun.user_attrs["plan"] == failed.user_attrs["plan"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the resume in this process gave it back
+
+
 def test_ctrl_c_in_an_explicit_fit_keeps_the_best_weights_and_exits_130(tmp_path, image_folder, monkeypatch):
     import os
     import signal
