@@ -86,7 +86,7 @@ def main() -> None:
 
     DATA is either DATA/<class>/<image> or DATA/train/<class>/<image> with optional val/
     and test/. Exit codes: 0 ok, 1 a problem with your input (the message says how to
-    fix it), 2 a wrong command line, 130 stopped by Ctrl-C (the message says
+    fix it), 2 a wrong command line, 130 stopped by Ctrl-C, or SIGTERM in fit (the message says
     what was kept and where).
     """
 
@@ -194,7 +194,8 @@ def fit(data: Path, strategy: str | None, plan_file: Path | None, trials: int | 
     RUN/logs/            Lightning logs per stage (CSV; TensorBoard or MLflow with --logger)
 
     A RUN holds one run: fit refuses a non-empty --out unless --overwrite; --resume
-    refuses other data. Ctrl-C prints what was kept and where, and exits with 130.
+    refuses other data. Ctrl-C or SIGTERM prints what was kept and where, and exits
+    with 130.
     """
     check_data_root(data)
     from autotransfer import api
