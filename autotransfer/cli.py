@@ -86,8 +86,8 @@ def main() -> None:
 
     DATA is either DATA/<class>/<image> or DATA/train/<class>/<image> with optional val/
     and test/. Exit codes: 0 ok, 1 a problem with your input (the message says how to
-    fix it), 2 a wrong command line, 130 stopped by Ctrl-C, or SIGTERM in fit (the message says
-    what was kept and where).
+    fix it), 2 a wrong command line, 130 stopped by Ctrl-C or SIGTERM (fit, worker and bench
+    say what was kept and where).
     """
 
 
