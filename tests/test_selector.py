@@ -12,12 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from autotransfer.backbones import get_backbone
 from autotransfer.cli import main
 from autotransfer.data import scan_folder
 from autotransfer.errors import BackboneError
 from autotransfer.plan import Plan
 from autotransfer.search import best_trial
 from autotransfer.profile import Profile
+from autotransfer.strategies import Preprocessing
 from autotransfer.selector import (
     MAX_DEFAULT_FINETUNES,
     cheap_first,
@@ -244,6 +246,43 @@ def test_warmed_features_are_what_every_frozen_trial_reads(image_folder: Path, t
         lines: list[str] = []
         fit(scan, plan, tmp_path / str(plan.feature_level), progress=False, log=lines.append)
         assert "features: reused from cache" in lines, (plan.feature_level, lines)
+
+
+def test_cross_validation_picks_the_one_depth_whose_features_tell_the_classes_apart(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    """A synthetic set where one depth is clearly better: after the real shared feature
+    pass, level 1's cached features become class-separated and every other depth's pure
+    noise. The real frozen trials (probe, k-fold CV over every labelled image) and the
+    search choose level 1 by its CV score, though a rule ranked the top first."""
+    from autotransfer.features import cache_path, load_features, store_features, weights_id
+    from autotransfer.search import SearchConfig, default_storage
+
+    scan = scan_folder(image_folder)
+    levels = [None, 1, 2]
+    plans = [Plan(**{**FAST, "backbone": "test_resnet", "strategy": "frozen", "feature_level": level,
+                     "reasons": ["rule"]}) for level in levels]
+    warm_frozen_features(scan, plans)
+    spec = get_backbone("test_resnet")
+    prep, wid = Preprocessing.for_plan(spec, plans[0]), weights_id(spec, "random", plans[0].seed)
+    noise = torch.Generator().manual_seed(0)
+    for split, records in scan.splits.items():
+        labels = torch.tensor([r.label for r in records])
+        for level in levels:
+            path = cache_path(spec.architecture, wid, level, prep, scan.content_hash(split))
+            width = load_features(path, len(records)).shape[1]  # the pass wrote it: the trials read it
+            synthetic = torch.randn(len(records), width, generator=noise)
+            if level == 1:  # 8 features per class, shifted by 3 SD for its images
+                synthetic[:, :24].view(len(records), 3, 8)[torch.arange(len(records)), labels] += 3.0
+            store_features(path, synthetic)
+    run = tmp_path / "run"
+    config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=["test_resnet"],
+                          base=plans[0], trials=len(plans), seed=0)
+    plan = select_and_fit(config, run, plans, scan=scan, log=lambda _: None)
+    assert plan.feature_level == 1
+    with (run / "leaderboard.csv").open() as f:
+        cv = {row["feature_level"]: float(row["val_balanced_accuracy"]) for row in csv.DictReader(f)}
+    assert cv["1"] >= 0.95 and cv[""] < 0.75 and cv["2"] < 0.75, cv  # 3 classes: chance is 0.33
 
 
 def test_only_the_leading_backbones_features_are_warmed_before_the_search(
