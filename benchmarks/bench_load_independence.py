@@ -2,8 +2,9 @@
 then beside CPU hogs (`python -c "while 1: pass"`, one per core) with the cache the first run
 left. The decision must not move (issue 15): plan.json byte for byte, and the same trials.
 
-The data is a seeded per-class subsample of DATA's train split (copied to a temporary folder:
-`fit` skips symlinks; val/ and test/ are left out, so `fit` draws its own val and cross-validates, as on a user's plain folder).
+The data is a seeded per-class subsample of DATA's train split, copied to a temporary folder
+(`fit` skips symlinks); val/ and test/ are left out, so `fit` draws its own val and
+cross-validates, as on a user's plain folder.
 
     python benchmarks/bench_load_independence.py DATA [--per-class 50] [--hogs 2] [--out FILE]
 """

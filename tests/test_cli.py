@@ -708,8 +708,9 @@ main({args!r})
 
 def test_sigterm_in_a_search_is_ctrl_c_and_resume_reruns_the_trials_own_plan(tmp_path, image_folder):
     """SIGTERM to the whole process group in a real fine-tuning trial (the rules rank the
-    first one 6th here), with loader workers. Without its own handler the trial died of the workers' deaths (a DataLoader error, a
-    failed trial whose Plan the resume replaced by a sampled one)."""
+    first one 6th here), with loader workers. Without its own handler the trial died of the
+    workers' deaths (a DataLoader error, a failed trial whose Plan the resume replaced by a
+    sampled one)."""
     import os
     import signal
     import subprocess
