@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from autotransfer.bench import subsample
+from autotransfer.data import scan_folder
 
 from _results import machine, write_result
 
@@ -30,13 +32,13 @@ TRIAL_FIELDS = ("trial", "state", "backbone", "strategy", "cut", "feature_level"
 
 
 def subsample_folder(data: Path, per_class: int, seed: int, out: Path) -> Path:
-    """OUT/<class>/<image>: copies of PER_CLASS images of each class of DATA/train (or DATA)."""
-    train = data / "train" if (data / "train").is_dir() else data
-    for cls in sorted(p for p in train.iterdir() if p.is_dir()):
-        images = sorted(cls.iterdir())
-        (out / cls.name).mkdir(parents=True)
-        for image in random.Random(seed).sample(images, min(per_class, len(images))):
-            shutil.copy2(image, out / cls.name / image.name)
+    """OUT/<class>/<image>: copies of the train images `bench.subsample` keeps, as the bench
+    subsamples a cell's training images."""
+    scan = subsample(scan_folder(data), per_class, seed)
+    for record in scan.splits["train"]:
+        folder = out / scan.classes[record.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(record.path, folder / Path(record.path).name)
     return out
 
 

@@ -264,8 +264,8 @@ def test_cross_validation_picks_the_one_depth_whose_features_tell_the_classes_ap
                      "reasons": ["rule"]}) for level in levels]
     warm_frozen_features(scan, plans)
     spec = get_backbone("test_resnet")
-    prep, wid = Preprocessing.for_plan(spec, plans[0]), weights_id(spec, "random", plans[0].seed)
-    noise = torch.Generator().manual_seed(0)
+    prep, wid = Preprocessing.for_plan(spec, plans[0]), weights_id(spec, plans[0].weights, plans[0].seed)
+    noise, classes = torch.Generator().manual_seed(0), len(scan.classes)
     for split, records in scan.splits.items():
         labels = torch.tensor([r.label for r in records])
         for level in levels:
@@ -273,7 +273,7 @@ def test_cross_validation_picks_the_one_depth_whose_features_tell_the_classes_ap
             width = load_features(path, len(records)).shape[1]  # the pass wrote it: the trials read it
             synthetic = torch.randn(len(records), width, generator=noise)
             if level == 1:  # 8 features per class, shifted by 3 SD for its images
-                synthetic[:, :24].view(len(records), 3, 8)[torch.arange(len(records)), labels] += 3.0
+                synthetic[:, :classes * 8].view(len(records), classes, 8)[torch.arange(len(records)), labels] += 3.0
             store_features(path, synthetic)
     run = tmp_path / "run"
     config = SearchConfig(data=str(image_folder), storage=default_storage(run), backbones=["test_resnet"],
